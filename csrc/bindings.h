@@ -1,0 +1,9 @@
+// pybind11 bindings of npr's C++ classes, gathered into the one module npr._C (csrc/module.cpp).
+// Each component defines its bind_* function in its own *_bind.cpp file.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace npr {
+// void bind_block_pool(pybind11::module_& m);   // csrc/block_pool_bind.cpp (issue 3)
+// void bind_scheduler(pybind11::module_& m);    // csrc/scheduler_bind.cpp (issue 4)
+}  // namespace npr

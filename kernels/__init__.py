@@ -1,0 +1,1 @@
+"""Device kernels, imported as npr.kernels: Triton (.py) and CUDA (.cu, compiled into npr._C)."""

@@ -1,0 +1,108 @@
+"""Shared benchmark helpers: timing, machine facts, table/JSON output."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10, min_time_s: float = 0.0,
+            sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median and best wall time (seconds) of fn() over iters runs after warmup runs."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    t_end = time.perf_counter() + min_time_s
+    while len(times) < iters or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * max(iters, 1):
+            break
+    return {"median_s": statistics.median(times), "best_s": min(times), "iters": len(times)}
+
+
+_COPY_BW: dict[str, float] = {}
+
+
+def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Measured read+write copy bandwidth (GB/s, counting bytes read + written) of this machine."""
+    if device in _COPY_BW:
+        return _COPY_BW[device]
+    n = nbytes // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    t = time_fn(lambda: dst.copy_(src), warmup=2, iters=8, sync=sync)
+    _COPY_BW[device] = 2 * nbytes / t["best_s"] / 1e9
+    return _COPY_BW[device]
+
+
+def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Measured streaming read bandwidth (GB/s): a sum over a buffer larger than the caches."""
+    key = "read:" + device
+    if key in _COPY_BW:
+        return _COPY_BW[key]
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    t = time_fn(lambda: x.sum(), warmup=2, iters=8, sync=sync)
+    _COPY_BW[key] = nbytes / t["best_s"] / 1e9
+    return _COPY_BW[key]
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": _dt.date.today().isoformat(),
+        "platform": platform.platform(),
+        "processor": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        print(f"== {title}: no rows")
+        return
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    cells = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"== {title}")
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: str, rows: Any) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
