@@ -34,11 +34,11 @@ def _ext_modules():
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     cpu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
-    cxx = ["-O3", "-g0", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
+    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
         cuda_sources = rel(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
-        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return [
             CUDAExtension(
                 "npr._C",
