@@ -11,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  npr::bind_block_pool(m);
 }
