@@ -43,7 +43,8 @@ void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_
                 kcs2 = k_cache.stride(2) * es;
   const int64_t vcs0 = v_cache.stride(0) * es, vcs1 = v_cache.stride(1) * es,
                 vcs2 = v_cache.stride(2) * es;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 2 * H * row));
+  // Threads only pay off past ~64 KB per chunk (decode writes a few KB per step).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 2 * H * row));
   at::parallel_for(0, T, grain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t s = sp[t];

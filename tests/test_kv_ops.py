@@ -281,3 +281,67 @@ def test_pool_and_cache_together(backend):
         pool.check_invariants()
     pool.free(root)
     assert pool.num_used() == 0
+
+
+# ---- CUDA (run where a GPU is present; Triton there needs TRITON_INTERPRET unset or 0) ----------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CUDA_BACKENDS = (["cpp"] if _ext.with_cuda() else []) + (
+    ["triton"] if has_triton and os.environ.get("TRITON_INTERPRET") != "1" else [])
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["hnd", "nhd"])
+def test_cuda_matches_reference(backend, dtype, layout):
+    g = torch.Generator().manual_seed(3)
+    for T, H, D, nb, bs in WRITE_SHAPES + [(300, 8, 128, 64, 16), (9, 3, 7, 5, 3)]:
+        qkv = torch.randn(T, 3 * H, D, generator=g).to(dtype)
+        k, v = qkv[:, H:2 * H], qkv[:, 2 * H:]
+        kc, vc = make_cache(nb, H, bs, D, dtype, g, layout)
+        slots = random_slots(T, nb, bs, g)
+        kr, vr = kc.clone(), vc.clone()
+        ref.write_kv(k, v, kr, vr, slots)
+        kd, vd = kc.cuda(), vc.cuda()
+        if layout == "nhd":  # keep the strided layout on the device
+            kd = kc.transpose(1, 2).contiguous().cuda().transpose(1, 2)
+            vd = vc.transpose(1, 2).contiguous().cuda().transpose(1, 2)
+        ops.write_kv(k.cuda(), v.cuda(), kd, vd, slots.cuda(), backend=backend)
+        assert torch.equal(kd.cpu(), kr) and torch.equal(vd.cpu(), vr), (T, H, D, nb, bs)
+    for N, nb, H, bs, D in COPY_SHAPES + [(100, 256, 8, 16, 128), (3, 7, 2, 5, 3)]:
+        kc, vc = make_cache(nb, H, bs, D, dtype, g, layout)
+        src, dst = random_pairs(N, nb, g)
+        kr, vr = kc.clone(), vc.clone()
+        ref.copy_blocks(kr, vr, src, dst)
+        kd, vd = kc.cuda(), vc.cuda()
+        ops.copy_blocks(kd, vd, src.cuda(), dst.cuda(), backend=backend)
+        assert torch.equal(kd.cpu(), kr) and torch.equal(vd.cpu(), vr), (N, nb, H, bs, D)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_out_of_range_ids_write_nothing(backend):
+    kc, vc = torch.zeros(4, 2, 4, 8, device="cuda"), torch.zeros(4, 2, 4, 8, device="cuda")
+    k = torch.ones(2, 2, 8, device="cuda")
+    ops.write_kv(k, k, kc, vc, torch.tensor([16, 1 << 40], device="cuda"), backend=backend)
+    ops.copy_blocks(kc, vc, torch.tensor([0], device="cuda"), torch.tensor([9], device="cuda"),
+                    backend=backend)
+    torch.cuda.synchronize()
+    assert kc.abs().sum().item() == 0 and vc.abs().sum().item() == 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.skipif(not _ext.with_cuda(), reason="npr._C built without CUDA")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_opcheck(dtype):
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(9, 2, 16, generator=g).to(dtype).cuda()
+    kc, vc = (c.cuda() for c in make_cache(6, 2, 4, 16, dtype, g))
+    torch.library.opcheck(torch.ops.npr.write_kv.default,
+                          (k, k.clone(), kc, vc, random_slots(9, 6, 4, g).cuda()))
+    src, dst = random_pairs(2, 6, g)
+    torch.library.opcheck(torch.ops.npr.copy_blocks.default, (kc, vc, src.cuda(), dst.cuda()))
