@@ -35,7 +35,7 @@ def _ext_modules():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     cpu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
     cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
     if _want_cuda():
         cuda_sources = rel(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]

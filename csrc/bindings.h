@@ -4,6 +4,6 @@
 #include <pybind11/pybind11.h>
 
 namespace npr {
-void bind_block_pool(pybind11::module_& m);      // csrc/block_pool_bind.cpp (issue 3)
-// void bind_scheduler(pybind11::module_& m);    // csrc/scheduler_bind.cpp (issue 4)
+void bind_block_pool(pybind11::module_& m);  // csrc/block_pool_bind.cpp
+void bind_scheduler(pybind11::module_& m);   // csrc/scheduler_bind.cpp
 }  // namespace npr

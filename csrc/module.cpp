@@ -6,6 +6,7 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "npr compiled extension: torch.ops.npr kernels and C++ engine classes";
+  npr::bind_scheduler(m);
 #ifdef NPR_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

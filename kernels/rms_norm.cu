@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "dtype_convert.cuh"
+
 namespace npr {
 namespace {
 
@@ -17,7 +19,7 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ w
   T* yr = y + row * d;
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    float v = static_cast<float>(xr[i]);
+    float v = to_float(xr[i]);
     ss += v * v;
   }
   __shared__ float warp_sums[32];
@@ -32,7 +34,7 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ w
   __syncthreads();
   const float inv = rsqrtf(warp_sums[0] / static_cast<float>(d) + eps);
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-    yr[i] = static_cast<T>(static_cast<float>(xr[i]) * inv * static_cast<float>(w[i]));
+    yr[i] = from_float<T>(to_float(xr[i]) * inv * to_float(w[i]));
 }
 
 at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {

@@ -1,0 +1,364 @@
+"""npr.Engine: native parallel decoding (spec/NPR.md §3) behind a vLLM-like API.
+
+One step: the C++ scheduler plans a batch (rows = live branches of all requests) -> the runner
+runs the model over the paged branch-tree KV cache -> the sampler picks tokens -> the scheduler
+forks, joins and finishes. generate() loops steps until every request is done.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from npr import _ext
+from npr.engine.outputs import CompletionOutput, RequestOutput
+from npr.engine.runner import ModelRunner
+from npr.engine.sampling import Sampler
+from npr.engine.sampling_params import MODE_IDS, SamplingParams
+from npr.tags import TAGS
+
+
+@dataclass
+class _Request:
+    request_id: int
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    t_start: float = field(default_factory=time.perf_counter)
+    stop_hit: dict[int, int] = field(default_factory=dict)   # sample -> text cut position
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        block_size: int = 16,
+        kv_cache_tokens: int | None = None,
+        max_rows: int | None = None,
+        max_branches: int = 8,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        seed: int = 0,
+        max_tokens_per_step: int = 2048,
+    ) -> None:
+        C = _ext.require("npr.Engine")
+        if isinstance(model, str):
+            from npr.models.loader import load_model, load_tokenizer
+
+            path = model
+            model = load_model(path, dtype=dtype, device=str(device or "cpu"))
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
+        if block_size < 1 or block_size > 1024:
+            raise ValueError(f"Engine: block_size must be in 1..1024, got {block_size}")
+        if max_branches < 1:
+            raise ValueError(f"Engine: max_branches must be >= 1, got {max_branches}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.dtype = dtype or next(model.parameters()).dtype
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"Engine: dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        self.block_size = block_size
+        self.max_branches = max_branches
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+        kv_tokens = kv_cache_tokens if kv_cache_tokens is not None else 16384
+        if kv_tokens < block_size:
+            raise ValueError(f"Engine: kv_cache_tokens must be >= block_size ({block_size}), got {kv_tokens}")
+        self.num_blocks = kv_tokens // block_size
+        self.max_rows = max_rows if max_rows is not None else 256
+        if self.max_rows < 1:
+            raise ValueError(f"Engine: max_rows must be >= 1, got {self.max_rows}")
+
+        self.tag_ids: dict[str, int] | None = self._find_tag_ids(tokenizer)
+        self.eos_ids = self._eos_ids(tokenizer, model)
+        labels: list[list[int]] = []
+        if self.tag_ids is not None:
+            labels = [self._encode(f"{k}:") for k in range(1, max_branches + 1)]
+        self.scheduler = C.Scheduler(
+            num_blocks=self.num_blocks, block_size=block_size, max_rows=self.max_rows,
+            max_tokens_per_step=max_tokens_per_step, max_branches=max_branches,
+            tag_ids=[self.tag_ids[t] for t in TAGS] if self.tag_ids else [], step_labels=labels,
+        )
+        self.runner = ModelRunner(model, self.num_blocks, block_size, self.dtype, self.device)
+        self.sampler = Sampler(seed)
+        self._requests: dict[int, _Request] = {}
+        self._next_id = 0
+        self._sleeping = False
+        self.stats = {"steps": 0, "forward_s": 0.0, "rows": 0, "tokens": 0}
+
+    # ---------------------------------------------------------------- tokenizer helpers
+    @staticmethod
+    def _find_tag_ids(tokenizer: Any) -> dict[str, int] | None:
+        if tokenizer is None:
+            return None
+        vocab = tokenizer.get_vocab()
+        if not all(t in vocab for t in TAGS):
+            return None
+        return {t: int(vocab[t]) for t in TAGS}
+
+    @staticmethod
+    def _eos_ids(tokenizer: Any, model: torch.nn.Module) -> list[int]:
+        ids: list[int] = []
+        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        if eos is None:
+            eos = getattr(model.config, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.append(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.extend(int(e) for e in eos)
+        return ids
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("Engine: a text prompt needs a tokenizer (or pass input_ids=)")
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    # ---------------------------------------------------------------- request API
+    def add_request(self, prompt: str | None = None, params: SamplingParams | None = None, *,
+                    input_ids: Sequence[int] | None = None) -> int:
+        """Queues one prompt; returns its request id. Raises ValueError on bad input."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"Engine: sampling params must be SamplingParams, got {type(params).__name__}")
+        if self._sleeping:
+            raise RuntimeError("Engine: sleeping; call wake_up() first")
+        ids = list(input_ids) if input_ids is not None else self._encode(prompt if prompt is not None else "")
+        self._validate(ids, params)
+        rid = self._next_id
+        self._next_id += 1
+        max_branch = params.max_branch_tokens if params.max_branch_tokens is not None else 1 << 30
+        stop_ids = list(self.eos_ids) + [int(t) for t in (params.stop_token_ids or [])]
+        self.scheduler.add_request(rid, ids, params.n, params.max_new_tokens, max_branch,
+                                   MODE_IDS[params.parallel], stop_ids)
+        self._requests[rid] = _Request(rid, prompt, ids, params)
+        return rid
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise ValueError("Engine: empty prompt")
+        vocab = int(getattr(self.model.config, "vocab_size", 1 << 31))
+        bad = [t for t in ids if not (0 <= int(t) < vocab)]
+        if bad:
+            raise ValueError(f"Engine: prompt token id {bad[0]} is outside the vocabulary (size {vocab})")
+        if len(ids) >= self.max_context:
+            raise ValueError(f"Engine: prompt of {len(ids)} tokens is longer than the model's context "
+                             f"({self.max_context} positions, one needed for generation)")
+        if len(ids) + 1 > self.num_blocks * self.block_size:
+            raise ValueError(f"Engine: prompt of {len(ids)} tokens does not fit the KV cache "
+                             f"({self.num_blocks * self.block_size} tokens); raise kv_cache_tokens")
+        if params.parallel != "off" and self.tag_ids is None:
+            raise ValueError("Engine: parallel='%s' needs the eight tag tokens in the tokenizer "
+                             "(npr.tokenizer.add_tag_tokens) or use parallel='off'" % params.parallel)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.scheduler.has_unfinished())
+
+    def step(self) -> list[RequestOutput]:
+        """One batch step; returns the requests that finished in it."""
+        plan = self.scheduler.schedule()
+        finished: list[int] = []
+        try:
+            n_rows = len(plan["row_node"])
+            if n_rows:
+                t0 = time.perf_counter()
+                logits = self.runner.forward(plan)
+                self.stats["forward_s"] += time.perf_counter() - t0
+                self.stats["steps"] += 1
+                self.stats["rows"] += n_rows
+                self.stats["tokens"] += len(plan["input_ids"])
+                tokens, logprobs = self._sample(plan, logits)
+            else:
+                tokens, logprobs = [], []
+        except BaseException:
+            # Leave no half-done step behind: abort what was in it, keep the engine usable.
+            for rid in self.scheduler.cancel_step():
+                self._drop(rid)
+            self.scheduler.take_finished()  # only the ids just dropped are queued there
+            raise
+        finished += self.scheduler.update(tokens, logprobs)
+        finished += self._check_stop_strings(plan, tokens)
+        return [self._collect(rid) for rid in finished]
+
+    def _sample(self, plan: dict[str, Any], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """logits: [S, V] for the sampling rows in plan order."""
+        S = logits.shape[0]
+        tokens = [0] * S
+        logprobs = [0.0] * S
+        simple = []
+        for i in range(S):
+            req = self._requests[int(plan["sample_request"][i])]
+            p = req.params
+            if p.greedy and not p.logits_processors and (p.step_repetition_penalty == 1.0 or not plan["sample_in_step"][i]):
+                simple.append(i)
+                continue
+            node = int(plan["sample_node"][i])
+            tokens[i], logprobs[i] = self.sampler.sample_row(
+                logits[i], p, request_id=req.request_id, sample=int(plan["sample_index"][i]),
+                branch=int(plan["sample_branch"][i]), in_step=bool(plan["sample_in_step"][i]),
+                visible=lambda node=node: list(self.scheduler.visible_tokens(node)),
+                step_tokens=lambda node=node: list(self.scheduler.step_tokens(node)),
+            )
+        if simple:
+            idx = torch.tensor(simple)
+            sub = logits[idx]
+            top = torch.argmax(sub, dim=-1)
+            lp = torch.log_softmax(sub, dim=-1).gather(1, top[:, None])[:, 0]
+            for j, i in enumerate(simple):
+                tokens[i], logprobs[i] = int(top[j]), float(lp[j])
+        return tokens, logprobs
+
+    def _check_stop_strings(self, plan: dict[str, Any], tokens: list[int]) -> list[int]:
+        finished: list[int] = []
+        for i in range(len(tokens)):
+            rid = int(plan["sample_request"][i])
+            req = self._requests.get(rid)
+            if req is None or not req.params.stop or plan["sample_in_step"][i]:
+                continue
+            sample = int(plan["sample_index"][i])
+            ids = self.scheduler.output(rid, sample)
+            if ids["finish_reason"]:
+                continue
+            text = self._decode(ids["token_ids"])
+            tail_from = max(0, len(text) - max(len(s) for s in req.params.stop) - 32)
+            hits = [text.find(s, tail_from) for s in req.params.stop]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                req.stop_hit[sample] = min(hits)
+                self.scheduler.finish_sample(rid, sample, "stop", "stop string")
+                finished += self.scheduler.take_finished()
+        return finished
+
+    def _drop(self, rid: int) -> None:
+        self.scheduler.release(rid)
+        self._requests.pop(rid, None)
+        self.sampler.forget(rid)
+
+    def _collect(self, rid: int) -> RequestOutput:
+        req = self._requests[rid]
+        outs = []
+        wall = time.perf_counter() - req.t_start
+        for s in range(req.params.n):
+            o = self.scheduler.output(rid, s)
+            text = self._decode(o["token_ids"])
+            if s in req.stop_hit:
+                text = text[: req.stop_hit[s]]
+            lps = None
+            if req.params.logprobs:
+                lps = [None if inj else float(lp) for lp, inj in zip(o["logprobs"], o["injected"])]
+            outs.append(CompletionOutput(
+                index=s, text=text, token_ids=list(o["token_ids"]), logprobs=lps,
+                position_ids=list(o["position_ids"]), branch_ids=list(o["branch_ids"]),
+                injected=list(o["injected"]), finish_reason=o["finish_reason"],
+                structure_valid=self._structure_valid(req, o, text),
+                stats={"generated_tokens": o["generated_tokens"],
+                       "critical_path_tokens": o["critical_path_tokens"],
+                       "forks": o["forks"], "wall_time_s": wall},
+                finish_detail=o["finish_detail"],
+            ))
+        self._drop(rid)
+        return RequestOutput(rid, req.prompt, req.prompt_ids, outs)
+
+    def _structure_valid(self, req: _Request, o: dict[str, Any], text: str) -> bool:
+        from npr import format as fmt
+
+        if o["finish_reason"] in ("invalid_structure", "abort"):
+            return False
+        if req.params.parallel == "off":
+            try:
+                fmt.parse(text)
+                return True
+            except fmt.FormatError:
+                return False
+        try:
+            lay = fmt.layout(req.prompt_ids + list(o["token_ids"]), self.tag_ids,
+                             prompt_len=len(req.prompt_ids), max_branches=self.max_branches)
+        except fmt.FormatError:
+            return False
+        pos = [int(p) for p in lay.position_ids[len(req.prompt_ids):]]
+        return pos == list(o["position_ids"])
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        input_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if (prompts is None) == (input_ids is None):
+            raise ValueError("Engine.generate: pass exactly one of prompts or input_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        items: list[tuple[str | None, list[int] | None]]
+        if prompts is not None:
+            items = [(p, None) for p in prompts]
+        else:
+            items = [(None, list(ids)) for ids in input_ids]  # type: ignore[union-attr]
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(items)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(items):
+                raise ValueError(f"Engine.generate: {len(items)} prompts but {len(params)} SamplingParams")
+        # Validate everything before queueing anything.
+        encoded = [ids if ids is not None else self._encode(p or "") for p, ids in items]
+        for ids, sp in zip(encoded, params):
+            if not isinstance(sp, SamplingParams):
+                raise TypeError(f"Engine: sampling params must be SamplingParams, got {type(sp).__name__}")
+            self._validate(ids, sp)
+        rids = [self.add_request(p, sp, input_ids=ids) for (p, _), ids, sp in zip(items, encoded, params)]
+        results: dict[int, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(rids), desc="generate")
+        try:
+            while len(results) < len(rids):
+                for out in self.step():
+                    results[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            self.abort([r for r in rids if r not in results])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[r] for r in rids]
+
+    # ---------------------------------------------------------------- RL plumbing
+    def abort(self, request_ids: Iterable[int]) -> list[RequestOutput]:
+        ids = [int(r) for r in request_ids if int(r) in self._requests]
+        finished = self.scheduler.abort(ids)
+        return [self._collect(rid) for rid in finished]
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Loads new weights (HF parameter names); drops all cached KV: in-flight requests are
+        recomputed under the new weights."""
+        self.model.load_hf_state_dict(named_tensors)
+        self.scheduler.preempt_all()
+
+    def sleep(self) -> None:
+        """Frees the KV cache tensors (between rollouts); wake_up() re-allocates them."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("Engine.sleep: requests are still running; abort or finish them first")
+        self.runner.release()
+        self._sleeping = True
+
+    def wake_up(self) -> None:
+        if self._sleeping:
+            self.runner.allocate()
+            self._sleeping = False
+
+    def pool_stats(self) -> dict[str, int]:
+        return dict(self.scheduler.pool_stats())
