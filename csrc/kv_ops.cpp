@@ -24,7 +24,7 @@ void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_
   const int64_t* sp = sl.const_data_ptr<int64_t>();
   const int64_t total = nb * bs;
   for (int64_t t = 0; t < T; ++t) {
-    TORCH_CHECK(sp[t] < total, "npr::write_kv: slot ", sp[t], " of token ", t,
+    TORCH_CHECK_VALUE(sp[t] < total, "npr::write_kv: slot ", sp[t], " of token ", t,
                 " is out of range for a cache of ", nb, " blocks x ", bs, " = ", total, " slots");
   }
   if (T == 0 || H == 0 || D == 0) return;
@@ -43,7 +43,8 @@ void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_
                 kcs2 = k_cache.stride(2) * es;
   const int64_t vcs0 = v_cache.stride(0) * es, vcs1 = v_cache.stride(1) * es,
                 vcs2 = v_cache.stride(2) * es;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, 2 * H * row));
+  // Threads only pay off past ~64 KB per chunk (decode writes a few KB per step).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 2 * H * row));
   at::parallel_for(0, T, grain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t s = sp[t];
@@ -71,13 +72,13 @@ void copy_blocks_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const
   const int64_t* dp = dc.const_data_ptr<int64_t>();
   std::unordered_set<int64_t> dsts;
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(sp[i] >= 0 && sp[i] < nb && dp[i] >= 0 && dp[i] < nb, "npr::copy_blocks: pair ",
+    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] < nb && dp[i] >= 0 && dp[i] < nb, "npr::copy_blocks: pair ",
                 i, " (src ", sp[i], ", dst ", dp[i], ") is out of range [0, ", nb, ")");
-    TORCH_CHECK(dsts.insert(dp[i]).second, "npr::copy_blocks: dst block ", dp[i],
+    TORCH_CHECK_VALUE(dsts.insert(dp[i]).second, "npr::copy_blocks: dst block ", dp[i],
                 " appears twice");
   }
   for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(sp[i] == dp[i] || !dsts.count(sp[i]), "npr::copy_blocks: block ", sp[i],
+    TORCH_CHECK_VALUE(sp[i] == dp[i] || !dsts.count(sp[i]), "npr::copy_blocks: block ", sp[i],
                 " is both a src and a dst (the result would depend on the order of the copies)");
   }
   const int64_t H = k_cache.size(1), bs = k_cache.size(2), D = k_cache.size(3);

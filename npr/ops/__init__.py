@@ -1,6 +1,7 @@
 """Typed wrappers over torch.ops.npr.*: one file per op, each choosing its backend
 (C++ / CUDA through torch.ops dispatch, Triton, or the pure-torch reference in npr.ref)."""
+from npr.ops.kv import copy_blocks, write_kv
 from npr.ops.linear import linear
 from npr.ops.norm import rms_norm
 
-__all__ = ["linear", "rms_norm"]
+__all__ = ["copy_blocks", "linear", "rms_norm", "write_kv"]
