@@ -1,6 +1,7 @@
 """Typed wrappers over torch.ops.npr.*: one file per op, each choosing its backend
 (C++ / CUDA through torch.ops dispatch, Triton, or the pure-torch reference in npr.ref)."""
+from npr.ops.attention import TreeAttentionPlan, tree_attention
 from npr.ops.linear import linear
 from npr.ops.norm import rms_norm
 
-__all__ = ["linear", "rms_norm"]
+__all__ = ["TreeAttentionPlan", "linear", "rms_norm", "tree_attention"]
