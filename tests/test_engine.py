@@ -155,7 +155,7 @@ def test_native_equals_sequential_and_ideal_speedup_counts(model, tok, tag_ids, 
     assert a.stats["generated_tokens"] == len(a.token_ids)
 
 
-def teacher_forced_logprobs(model, prompt_ids, comp_ids, tag_ids, forcer):
+def teacher_forced_logprobs(model, prompt_ids, comp_ids, injected, tag_ids, forcer):
     ids = list(prompt_ids) + list(comp_ids)
     lay = fmt.layout(ids, tag_ids, prompt_len=len(prompt_ids))
     mask = lay.mask()
@@ -164,6 +164,9 @@ def teacher_forced_logprobs(model, prompt_ids, comp_ids, tag_ids, forcer):
     logits = (out.logits if hasattr(out, "logits") else out)[0].float()
     lps = []
     for i in range(len(prompt_ids), len(ids)):
+        if injected[i - len(prompt_ids)]:
+            lps.append(None)
+            continue
         src = i - 1
         # The token at i was sampled from the logits of the last token the row saw before it.
         visible = [ids[j] for j in range(i) if mask[i, j]]
@@ -181,7 +184,7 @@ def test_logprobs_match_teacher_forcing(model, tok, tag_ids, labels):
     sp = npr.SamplingParams(temperature=1.0, seed=5, max_new_tokens=300, logits_processors=[f])
     c = eng.generate(input_ids=[ids], sampling_params=sp)[0].outputs[0]
     assert c.finish_reason == "stop", c.finish_detail
-    want = teacher_forced_logprobs(model, ids, c.token_ids, tag_ids, f)
+    want = teacher_forced_logprobs(model, ids, c.token_ids, c.injected, tag_ids, f)
     for got, w, inj in zip(c.logprobs, want, c.injected):
         if inj:
             assert got is None
