@@ -44,8 +44,9 @@ void write_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_
                 kcs2 = k_cache.stride(2) * es;
   const int64_t vcs0 = v_cache.stride(0) * es, vcs1 = v_cache.stride(1) * es,
                 vcs2 = v_cache.stride(2) * es;
-  // Threads only pay off past ~64 KB per chunk (decode writes a few KB per step).
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 2 * H * row));
+  // A second thread only pays off past ~1 MB per chunk: decode steps (a few KB to a few hundred
+  // KB) stay on one thread and never wait at a barrier for a core that is busy elsewhere.
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, 2 * H * row));
   at::parallel_for(0, T, grain, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t s = sp[t];
@@ -99,7 +100,8 @@ void copy_blocks_cpu(const at::Tensor& k_cache, const at::Tensor& v_cache, const
       for (int64_t o = 0; o < bs; ++o)
         std::memcpy(base + d * s0 + h * s1 + o * s2, base + s * s0 + h * s1 + o * s2, row);
   };
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, 2 * H * bs * row));
+  at::parallel_for(0, N, grain, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       copy_one(k_cache, sp[i], dp[i]);
       copy_one(v_cache, sp[i], dp[i]);
