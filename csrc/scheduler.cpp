@@ -319,8 +319,9 @@ Plan Scheduler::schedule() {
     ++i;
   }
 
-  // 2) admit waiting requests while rows, tokens and blocks allow (no preemption to admit).
-  while (!waiting_.empty() && static_cast<int64_t>(rows.size()) < cfg_.max_rows && tokens_left > 0) {
+  // 2) admit waiting requests while rows, tokens and blocks allow (no preemption to admit, and
+  // none at all in a step that had to preempt: the victims would be re-admitted at once).
+  while (num_preemptions_ == preemptions_before && !waiting_.empty() && static_cast<int64_t>(rows.size()) < cfg_.max_rows && tokens_left > 0) {
     Request& r = *requests_.at(waiting_.front());
     const size_t from = rows.size();
     const int64_t saved_tokens = tokens_left;
@@ -450,7 +451,12 @@ void Scheduler::handle_token(Request& r, Node& n, int32_t token, float logprob) 
       }
       if (all_ended) {
         // spec §2: <takeaway> sits at p + max_k L_k + 1.
-        append_token(t, cfg_.tag_ids[kTakeawayOpen], f.p + static_cast<int32_t>(max_len) + 1, true, kNaN);
+        const int64_t pos = f.p + max_len + 1;
+        if (t.generated + 1 > r.spec.max_new_tokens)
+          return finish(r, t, Finish::Length, "max_new_tokens reached at the join");
+        if (pos + 1 >= cfg_.max_model_len)
+          return finish(r, t, Finish::Length, "reached the model's context length");
+        append_token(t, cfg_.tag_ids[kTakeawayOpen], static_cast<int32_t>(pos), true, kNaN);
         t.generated += 1;
         t.state = TrunkState::Takeaway;
         t.live = true;
@@ -463,6 +469,8 @@ void Scheduler::handle_token(Request& r, Node& n, int32_t token, float logprob) 
   }
   if (t.finish == Finish::None && t.generated >= r.spec.max_new_tokens)
     finish(r, t, Finish::Length, "max_new_tokens reached");
+  if (t.finish == Finish::None && n.positions.back() + 1 >= cfg_.max_model_len)
+    finish(r, t, Finish::Length, "reached the model's context length");
 }
 
 void Scheduler::do_fork(Request& r, Node& t) {
@@ -485,10 +493,15 @@ void Scheduler::do_fork(Request& r, Node& t) {
   Fork f;
   f.offset = static_cast<int64_t>(t.tokens.size());
   f.p = t.positions.back();
+  int64_t longest_label = 0;
+  for (int64_t k = 1; k <= n; ++k)
+    longest_label = std::max<int64_t>(longest_label, static_cast<int64_t>(cfg_.step_labels[k - 1].size()));
+  if (f.p + longest_label + 3 >= cfg_.max_model_len)
+    return finish(r, t, Finish::Length, "reached the model's context length");
   for (int64_t k = 1; k <= n; ++k) {
     const int32_t cid = new_node(r.spec.id, 2, t.id, t.sample);
     Node& c = node(cid);
-    c.branch_id = r.next_branch_id++;
+    c.branch_id = t.next_branch_id++;  // per sample, in fork order: independent of scheduling
     c.live = true;
     append_token(c, cfg_.tag_ids[kStepOpen], f.p + 1, true, kNaN);
     for (int32_t id : cfg_.step_labels[k - 1])

@@ -36,6 +36,7 @@ struct SchedulerConfig {
   int64_t max_rows = 256;               // rows (branches) per step
   int64_t max_tokens_per_step = 4096;   // tokens per step (long prefills are chunked)
   int64_t max_branches = 8;             // N_max
+  int64_t max_model_len = 1 << 30;      // positions must stay below this (the model's context)
   std::vector<int32_t> tag_ids;         // kNumTags ids, or empty (only parallel="off" then)
   std::vector<std::vector<int32_t>> step_labels;  // step_labels[k-1] = token ids of "k:"
 };
@@ -67,6 +68,7 @@ struct Node {
   int32_t sample = -1;
   int64_t request = -1;
   int32_t branch_id = 0;  // 0 for root/trunk; step children: 1, 2, ... per sample
+  int32_t next_branch_id = 1;  // trunk: the id of its next step child
   std::vector<int32_t> tokens, positions;
   std::vector<uint8_t> injected;
   std::vector<float> logprobs;
@@ -91,7 +93,6 @@ struct Request {
   std::vector<int32_t> trunks;
   int64_t arrival = 0;
   int64_t num_preemptions = 0;
-  int32_t next_branch_id = 1;
   bool finished = false;
   bool running = false;
 };

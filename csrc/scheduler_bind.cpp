@@ -46,7 +46,7 @@ void bind_scheduler(py::module_& m) {
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int64_t num_blocks, int64_t block_size, int64_t max_rows, int64_t max_tokens_per_step,
                        int64_t max_branches, std::vector<int32_t> tag_ids,
-                       std::vector<std::vector<int32_t>> step_labels) {
+                       std::vector<std::vector<int32_t>> step_labels, int64_t max_model_len) {
              SchedulerConfig c;
              c.num_blocks = num_blocks;
              c.block_size = block_size;
@@ -55,10 +55,12 @@ void bind_scheduler(py::module_& m) {
              c.max_branches = max_branches;
              c.tag_ids = std::move(tag_ids);
              c.step_labels = std::move(step_labels);
+             c.max_model_len = max_model_len;
              return std::make_unique<Scheduler>(std::move(c));
            }),
            py::arg("num_blocks"), py::arg("block_size"), py::arg("max_rows"), py::arg("max_tokens_per_step"),
-           py::arg("max_branches"), py::arg("tag_ids"), py::arg("step_labels"))
+           py::arg("max_branches"), py::arg("tag_ids"), py::arg("step_labels"),
+           py::arg("max_model_len") = int64_t{1} << 30)
       .def("add_request",
            [](Scheduler& s, int64_t id, std::vector<int32_t> prompt, int32_t n, int64_t max_new_tokens,
               int64_t max_branch_tokens, int32_t mode, std::vector<int32_t> stop_ids) {

@@ -55,8 +55,68 @@ def _cmd_bench(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_generate(argv: list[str]) -> int:
+    import torch
+
+    import npr
+    from npr.tags import TAGS
+
+    p = argparse.ArgumentParser(prog="npr generate", description="stream a native parallel generation")
+    p.add_argument("model", help="HF folder or .gguf file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--parallel", choices=["native", "sequential", "off"], default="native")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    eng = npr.Engine(args.model, device=args.device)
+    tok = eng.tokenizer
+    parallel = args.parallel
+    if parallel != "off" and eng.tag_ids is None:
+        print("npr generate: the tokenizer has no NPR tag tokens; decoding with parallel='off'", file=sys.stderr)
+        parallel = "off"
+    prompt = args.prompt
+    if args.chat:
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    sp = npr.SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, parallel=parallel)
+    eng.add_request(prompt, sp)
+    step_close = eng.tag_ids["</step>"] if eng.tag_ids else None
+    pending: dict[int, list[int]] = {}
+
+    def on_token(request_id: int, sample: int, branch: int, token: int) -> None:
+        # The trunk streams inline; each step is printed apart, whole, when it closes.
+        if branch == 0:
+            print(tok.decode([token], skip_special_tokens=False), end="", flush=True)
+            return
+        pending.setdefault(branch, []).append(token)
+        if token == step_close:
+            text = tok.decode(pending.pop(branch), skip_special_tokens=False)
+            print(f"\n    [branch {branch}] {text}", end="", flush=True)
+
+    eng.on_token = on_token
+    out = None
+    while eng.has_unfinished_requests():
+        for done in eng.step():
+            out = done
+    print()
+    if out is None:
+        return 1
+    c = out.outputs[0]
+    print(f"-- finish: {c.finish_reason} {c.finish_detail}".rstrip())
+    print(f"-- structure valid: {c.structure_valid}; stats: {c.stats}")
+    st = eng.stats
+    print(f"-- engine: {st['steps']} steps, {st['rows']} rows, {st['forward_s']:.2f} s in the model")
+    return 0
+
+
 COMMANDS = {
     "bench": _cmd_bench,
+    "generate": _cmd_generate,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -27,7 +27,8 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     t_start: float = field(default_factory=time.perf_counter)
-    stop_hit: dict[int, int] = field(default_factory=dict)   # sample -> text cut position
+    stop_hit: dict[int, str] = field(default_factory=dict)   # sample -> the stop string hit
+    trunk_tail: dict[int, str] = field(default_factory=dict)  # sample -> recent trunk text
 
 
 class Engine:
@@ -82,13 +83,17 @@ class Engine:
             num_blocks=self.num_blocks, block_size=block_size, max_rows=self.max_rows,
             max_tokens_per_step=max_tokens_per_step, max_branches=max_branches,
             tag_ids=[self.tag_ids[t] for t in TAGS] if self.tag_ids else [], step_labels=labels,
+            max_model_len=self.max_context,
         )
         self.runner = ModelRunner(model, self.num_blocks, block_size, self.dtype, self.device)
         self.sampler = Sampler(seed)
         self._requests: dict[int, _Request] = {}
+        self._pending_finished: list[int] = []   # finished ids not yet returned by step()
         self._next_id = 0
         self._sleeping = False
         self.stats = {"steps": 0, "forward_s": 0.0, "rows": 0, "tokens": 0}
+        # Optional streaming hook: fn(request_id, sample, branch_id, token) per sampled token.
+        self.on_token: Callable[[int, int, int, int], None] | None = None
 
     # ---------------------------------------------------------------- tokenizer helpers
     @staticmethod
@@ -165,9 +170,10 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One batch step; returns the requests that finished in it."""
         plan = self.scheduler.schedule()
-        finished: list[int] = []
         try:
             n_rows = len(plan["row_node"])
+            tokens: list[int] = []
+            logprobs: list[float] = []
             if n_rows:
                 t0 = time.perf_counter()
                 logits = self.runner.forward(plan)
@@ -176,15 +182,21 @@ class Engine:
                 self.stats["rows"] += n_rows
                 self.stats["tokens"] += len(plan["input_ids"])
                 tokens, logprobs = self._sample(plan, logits)
-            else:
-                tokens, logprobs = [], []
         except BaseException:
             # Leave no half-done step behind: abort what was in it, keep the engine usable.
-            for rid in self.scheduler.cancel_step():
-                self._drop(rid)
-            self.scheduler.take_finished()  # only the ids just dropped are queued there
+            cancelled = set(self.scheduler.cancel_step())
+            for rid in self.scheduler.take_finished():
+                if rid in cancelled:
+                    self._drop(rid)
+                else:
+                    self._pending_finished.append(rid)
             raise
-        finished += self.scheduler.update(tokens, logprobs)
+        finished = self._pending_finished + list(self.scheduler.update(tokens, logprobs))
+        self._pending_finished = []
+        if self.on_token is not None:
+            for i, tok in enumerate(tokens):
+                self.on_token(int(plan["sample_request"][i]), int(plan["sample_index"][i]),
+                              int(plan["sample_branch"][i]), tok)
         finished += self._check_stop_strings(plan, tokens)
         return [self._collect(rid) for rid in finished]
 
@@ -217,23 +229,24 @@ class Engine:
         return tokens, logprobs
 
     def _check_stop_strings(self, plan: dict[str, Any], tokens: list[int]) -> list[int]:
+        """Stop strings apply to the trunk text (steps are exempt); matched on the trunk's text
+        decoded incrementally, token by token."""
         finished: list[int] = []
-        for i in range(len(tokens)):
+        for i, tok in enumerate(tokens):
             rid = int(plan["sample_request"][i])
             req = self._requests.get(rid)
             if req is None or not req.params.stop or plan["sample_in_step"][i]:
                 continue
             sample = int(plan["sample_index"][i])
-            ids = self.scheduler.output(rid, sample)
-            if ids["finish_reason"]:
+            if sample in req.stop_hit:
                 continue
-            text = self._decode(ids["token_ids"])
-            tail_from = max(0, len(text) - max(len(s) for s in req.params.stop) - 32)
-            hits = [text.find(s, tail_from) for s in req.params.stop]
-            hits = [h for h in hits if h >= 0]
-            if hits:
-                req.stop_hit[sample] = min(hits)
-                self.scheduler.finish_sample(rid, sample, "stop", "stop string")
+            tail = req.trunk_tail.get(sample, "") + self._decode([tok])
+            keep = max(len(x) for x in req.params.stop) + 16
+            req.trunk_tail[sample] = tail[-keep:]
+            hit = next((x for x in req.params.stop if x in tail), None)
+            if hit is not None and not self.scheduler.output(rid, sample)["finish_reason"]:
+                req.stop_hit[sample] = hit
+                self.scheduler.finish_sample(rid, sample, "stop", f"stop string {hit!r}")
                 finished += self.scheduler.take_finished()
         return finished
 
@@ -249,8 +262,9 @@ class Engine:
         for s in range(req.params.n):
             o = self.scheduler.output(rid, s)
             text = self._decode(o["token_ids"])
-            if s in req.stop_hit:
-                text = text[: req.stop_hit[s]]
+            if s in req.stop_hit:  # vLLM-style: the text ends before the stop string
+                cut = text.rfind(req.stop_hit[s])
+                text = text[:cut] if cut >= 0 else text
             lps = None
             if req.params.logprobs:
                 lps = [None if inj else float(lp) for lp, inj in zip(o["logprobs"], o["injected"])]

@@ -1,7 +1,10 @@
 """Typed wrappers over torch.ops.npr.*: one file per op, each choosing its backend
 (C++ / CUDA through torch.ops dispatch, Triton, or the pure-torch reference in npr.ref)."""
+from npr.ops import attention
+from npr.ops.attention import TreeAttentionPlan, tree_attention
 from npr.ops.kv import copy_blocks, write_kv
 from npr.ops.linear import linear
 from npr.ops.norm import rms_norm
 
-__all__ = ["copy_blocks", "linear", "rms_norm", "write_kv"]
+__all__ = ["TreeAttentionPlan", "attention", "copy_blocks", "linear", "rms_norm", "tree_attention",
+           "write_kv"]

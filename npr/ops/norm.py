@@ -17,9 +17,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if (
         _ext.available()
         and not env.force_reference()
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == weight.device.type == "cpu"
+        and x.dtype == weight.dtype
+        and x.device == weight.device
+        and ((x.device.type == "cpu" and x.dtype == torch.float32)
+             or (x.device.type == "cuda" and _ext.with_cuda()))
+        # The compiled op has no backward: training goes through the reference.
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
         return torch.ops.npr.rms_norm(x, weight, eps)
     return ref.rms_norm(x, weight, eps)

@@ -1,0 +1,171 @@
+"""ModelConfig: the one config of the Llama-family decoder (Llama, SmolLM2, Qwen2, Qwen3).
+
+Built from a Hugging Face config.json (transformers 4.x and 5.x layouts) or from GGUF metadata
+(npr.models.gguf). Everything the model needs is explicit here; nothing is read from the
+checkpoint at run time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# HF model_type -> what differs between the families we share one decoder with.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# RoPE variants implemented in npr.models.rope (HF names).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # HF rope parameters without rope_theta, e.g. {"rope_type": "llama3", "factor": 8.0, ...};
+    # {"rope_type": "default"} when the model uses plain RoPE.
+    rope_scaling: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False  # Qwen2: q/k/v projections carry a bias
+    o_bias: bool = False  # Llama attention_bias=True also biases o_proj
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before RoPE
+    tie_word_embeddings: bool = False
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None  # the checkpoint's storage dtype, informational
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
+            raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"ModelConfig.model_type {self.model_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        self.rope_scaling = _validate_rope(dict(self.rope_scaling or {"rope_type": "default"}),
+                                           self.max_position_embeddings)
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling["rope_type"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_hf_config(cls, d: dict[str, Any]) -> ModelConfig:
+        """From the dict of a Hugging Face config.json (LlamaConfig / Qwen2Config / Qwen3Config)."""
+        model_type = d.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"config.json: model_type {model_type!r} is not supported "
+                             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
+            if key not in d:
+                raise ValueError(f"config.json: missing required key {key!r}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise NotImplementedError(
+                f"config.json: hidden_act {act!r} is not supported (only silu)")
+        layer_types = d.get("layer_types") or []
+        if d.get("use_sliding_window") and (
+                not layer_types or "sliding_attention" in layer_types):
+            raise NotImplementedError("config.json: sliding-window attention is not supported")
+        if "sliding_attention" in layer_types:
+            raise NotImplementedError("config.json: sliding-window attention is not supported")
+
+        hidden, heads = d["hidden_size"], d["num_attention_heads"]
+        head_dim = d.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)
+        attention_bias = bool(d.get("attention_bias", False))
+        if model_type == "qwen2":  # Qwen2 always biases q/k/v, never o_proj
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = attention_bias
+        max_pos = d.get("max_position_embeddings", 4096 if model_type == "llama" else 32768)
+        theta, rope = _rope_from_hf(d, max_pos)
+        dtype = d.get("dtype") or d.get("torch_dtype")
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=hidden,
+            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+            num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=rope,
+            max_position_embeddings=max_pos, qkv_bias=qkv_bias, o_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
+            qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), model_type=model_type,
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            torch_dtype=str(dtype).replace("torch.", "") if dtype else None,
+        )
+
+
+def _rope_from_hf(d: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any]]:
+    """transformers 5.x keeps rope in config["rope_parameters"] (rope_theta inside); 4.x keeps
+    rope_theta at top level and scaling in config["rope_scaling"] ("type" in very old files)."""
+    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    params = dict(params)
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise NotImplementedError("config.json: per-layer-type rope parameters are not supported")
+    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    prf = params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+    if prf not in (None, 1, 1.0):
+        raise NotImplementedError(f"config.json: partial_rotary_factor={prf} is not supported")
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in params:
+        # HF gives a top-level original_max_position_embeddings priority, else max positions.
+        params["original_max_position_embeddings"] = d.get("original_max_position_embeddings",
+                                                           max_pos)
+    return theta, {"rope_type": rope_type, **params}
+
+
+_REQUIRED_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+
+
+def _validate_rope(r: dict[str, Any], max_pos: int) -> dict[str, Any]:
+    rope_type = r.get("rope_type", "default")
+    if rope_type == "dynamic":
+        raise NotImplementedError(
+            "rope_type 'dynamic' (dynamic NTK scaling) is not supported: its frequencies depend on "
+            "the current sequence length, which a paged multi-row engine does not have")
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    r["rope_type"] = rope_type
+    if rope_type == "yarn":
+        r.setdefault("original_max_position_embeddings", max_pos)
+        if r.get("factor") is None:  # HF: factor defaults to max / original positions
+            r["factor"] = max_pos / r["original_max_position_embeddings"]
+    for key in _REQUIRED_ROPE_KEYS[rope_type]:
+        if r.get(key) is None:
+            raise ValueError(f"rope_type {rope_type!r} needs rope parameter {key!r}; got {r}")
+    if "factor" in r and not r["factor"] > 0:
+        raise ValueError(f"rope parameter factor must be > 0, got {r['factor']}")
+    if rope_type == "llama3" and not r["high_freq_factor"] > r["low_freq_factor"]:
+        raise ValueError("llama3 rope: high_freq_factor must exceed low_freq_factor")
+    return r

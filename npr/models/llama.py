@@ -1,0 +1,291 @@
+"""One decoder for the Llama family: Llama, SmolLM2, Qwen2, Qwen3.
+
+Differences between the families are ModelConfig switches: grouped-query attention, q/k/v bias
+(Qwen2), per-head q/k RMSNorm (Qwen3), head_dim independent of hidden/heads (Qwen3), RoPE
+scaling (npr.models.rope), tied or untied LM head.
+
+Weights are stored fused; HF parameter names map onto slices of them (`hf_weight_map`):
+
+    model.embed_tokens.weight                     embed_tokens               [V, H]
+    model.layers.i.input_layernorm.weight         layers[i].input_norm       [H]
+    model.layers.i.self_attn.q_proj.{weight,bias} layers[i].qkv_weight/bias  rows [0, Hq*D)
+    model.layers.i.self_attn.k_proj.{weight,bias}   "                        rows [Hq*D, (Hq+Hkv)*D)
+    model.layers.i.self_attn.v_proj.{weight,bias}   "                        rows [(Hq+Hkv)*D, end)
+    model.layers.i.self_attn.q_norm.weight        layers[i].q_norm           [D]  (Qwen3)
+    model.layers.i.self_attn.k_norm.weight        layers[i].k_norm           [D]  (Qwen3)
+    model.layers.i.self_attn.o_proj.{weight,bias} layers[i].o_weight/o_bias  [H, Hq*D]
+    model.layers.i.post_attention_layernorm.weight layers[i].post_norm       [H]
+    model.layers.i.mlp.gate_proj.{weight,bias}    layers[i].gate_up_weight   rows [0, I)
+    model.layers.i.mlp.up_proj.{weight,bias}        "                        rows [I, 2I)
+    model.layers.i.mlp.down_proj.{weight,bias}    layers[i].down_weight      [H, I]
+    model.norm.weight                             norm                       [H]
+    lm_head.weight                                lm_head (absent when tied) [V, H]
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npr import ops
+from npr.models.attention import FlatAttention, check_mask, sdpa
+from npr.models.config import ModelConfig
+from npr.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+# Attention inside one layer: (q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Names some older checkpoints carry that are not weights (recomputed from the config).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        H, D, I = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        self.hq, self.hkv, self.d, self.eps = cfg.num_heads, cfg.num_kv_heads, D, cfg.rms_norm_eps
+        qkv_rows = (self.hq + 2 * self.hkv) * D
+        p = lambda *s: _param(*s, dtype=dtype, device=device)  # noqa: E731
+        self.input_norm = p(H)
+        self.qkv_weight = p(qkv_rows, H)
+        self.qkv_bias = p(qkv_rows) if cfg.qkv_bias else None
+        self.q_norm = p(D) if cfg.qk_norm else None
+        self.k_norm = p(D) if cfg.qk_norm else None
+        self.o_weight = p(H, self.hq * D)
+        self.o_bias = p(H) if cfg.o_bias else None
+        self.post_norm = p(H)
+        self.gate_up_weight = p(2 * I, H)
+        self.gate_up_bias = p(2 * I) if cfg.mlp_bias else None
+        self.down_weight = p(H, I)
+        self.down_bias = p(H) if cfg.mlp_bias else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [..., N, H], cos/sin: [..., N, D] -> [..., N, H]; with keep (flat path only, x
+        [T, H]): -> [len(keep), H], rows after attention limited to `keep` (the last layer only
+        needs the rows that produce logits)."""
+        h = ops.rms_norm(x, self.input_norm, self.eps)
+        qkv = ops.linear(h, self.qkv_weight, self.qkv_bias)
+        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = q.unflatten(-1, (self.hq, self.d))
+        k = k.unflatten(-1, (self.hkv, self.d))
+        v = v.unflatten(-1, (self.hkv, self.d)).contiguous()
+        if self.q_norm is not None:
+            q = ops.rms_norm(q, self.q_norm, self.eps)
+            k = ops.rms_norm(k, self.k_norm, self.eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attend(q, k, v)  # [..., N, Hq, D]
+        if keep is not None:
+            o, x = o[keep], x[keep]
+        x = x + ops.linear(o.flatten(-2), self.o_weight, self.o_bias)
+        h = ops.rms_norm(x, self.post_norm, self.eps)
+        gate, up = ops.linear(h, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return x + ops.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+
+
+class LlamaDecoder(nn.Module):
+    """Llama-family causal LM. Parameters are allocated uninitialised: load weights with
+    `load_hf_state_dict` (npr.load_model does)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        H, V = config.hidden_size, config.vocab_size
+        self.embed_tokens = _param(V, H, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(
+            LlamaLayer(config, dtype, device) for _ in range(config.num_layers))
+        self.norm = _param(H, dtype=dtype, device=device)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else _param(V, H, dtype=dtype, device=device))
+        inv_freq, self.rope_scaling = rope_inv_freq(config)
+        # fp32 always; non-persistent: recomputed from the config (a GGUF file may rescale it)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    # --- the engine's view of the model -------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def head_weight(self) -> torch.Tensor:
+        """[V, H]: the LM head (the embedding matrix when tied)."""
+        return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    # --- forward passes ---------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference path. input_ids: [B, L]; position_ids: [B, L] or [L] (default arange);
+        attention_mask: bool [B, L, L] or [L, L], True = may attend (None = causal)
+        -> logits [B, L, V] fp32."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, L], got {list(input_ids.shape)}")
+        B, L = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device)
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0).expand(B, -1)
+        if tuple(position_ids.shape) != (B, L):
+            raise ValueError(
+                f"position_ids must be [B, L] = [{B}, {L}], got {list(position_ids.shape)}")
+        mask = (None if attention_mask is None
+                else check_mask(attention_mask.to(input_ids.device), B, L))
+        self._check_ids(input_ids)
+        x = F.embedding(input_ids, self.embed_tokens)  # [B, L, H]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
+        attend: Attend = lambda q, k, v: sdpa(q, k, v, mask)  # noqa: E731
+        for layer in self.layers:
+            x = layer(x, cos, sin, attend)
+        return self._logits(x)
+
+    def forward_flat(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: FlatAttention,
+                     logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Engine path over a flat batch of tokens from many rows.
+
+        input_ids: [T], position_ids: [T]; attn(layer_idx, q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D])
+        -> [T,Hq,D] receives q/k after q/k-norm and RoPE; logits_indices: [N] int (None = all
+        rows) -> logits [N, V] fp32. Only the selected rows pass the last layer's MLP, the final
+        norm and the LM head.
+        """
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+            raise ValueError(f"forward_flat: input_ids and position_ids must both be [T], got "
+                             f"{list(input_ids.shape)} and {list(position_ids.shape)}")
+        self._check_ids(input_ids)
+        if logits_indices is not None:
+            logits_indices = logits_indices.to(device=input_ids.device, dtype=torch.long)
+        x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            attend: Attend = lambda q, k, v, i=i: attn(i, q, k, v)  # noqa: E731
+            x = layer(x, cos, sin, attend, keep=logits_indices if i == last else None)
+        if not self.layers and logits_indices is not None:
+            x = x[logits_indices]
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
+        return ops.linear(x, self.head_weight()).float()
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be int64/int32, got {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
+                                 f"min {lo}, max {hi}")
+
+    # --- weights ----------------------------------------------------------------------------
+    def hf_weight_map(self) -> dict[str, torch.Tensor]:
+        """HF parameter name -> the (view of the) tensor that holds it. Copying into the view
+        writes the fused parameter in place."""
+        cfg = self.config
+        D, I = cfg.head_dim, cfg.intermediate_size
+        q_rows, kv_rows = cfg.num_heads * D, cfg.num_kv_heads * D
+        m: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens.data,
+                                      "model.norm.weight": self.norm.data}
+        if self.lm_head is not None:
+            m["lm_head.weight"] = self.lm_head.data
+        for i, ly in enumerate(self.layers):
+            a, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            m[f"model.layers.{i}.input_layernorm.weight"] = ly.input_norm.data
+            m[f"model.layers.{i}.post_attention_layernorm.weight"] = ly.post_norm.data
+            for suffix, t in (("weight", ly.qkv_weight), ("bias", ly.qkv_bias)):
+                if t is not None:
+                    q, k, v = t.data.split([q_rows, kv_rows, kv_rows], dim=0)
+                    m[a + "q_proj." + suffix], m[a + "k_proj." + suffix] = q, k
+                    m[a + "v_proj." + suffix] = v
+            m[a + "o_proj.weight"] = ly.o_weight.data
+            if ly.o_bias is not None:
+                m[a + "o_proj.bias"] = ly.o_bias.data
+            if ly.q_norm is not None:
+                m[a + "q_norm.weight"], m[a + "k_norm.weight"] = ly.q_norm.data, ly.k_norm.data
+            for suffix, t in (("weight", ly.gate_up_weight), ("bias", ly.gate_up_bias)):
+                if t is not None:
+                    gate, up = t.data.split([I, I], dim=0)
+                    m[mlp + "gate_proj." + suffix], m[mlp + "up_proj." + suffix] = gate, up
+            m[mlp + "down_proj.weight"] = ly.down_weight.data
+            if ly.down_bias is not None:
+                m[mlp + "down_proj.bias"] = ly.down_bias.data
+        return m
+
+    @staticmethod
+    def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape, from the config alone (checked against file headers before the
+        model is allocated)."""
+        meta = LlamaDecoder(config, device="meta")
+        return {k: tuple(v.shape) for k, v in meta.hf_weight_map().items()}
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                           strict: bool = False) -> set[str]:
+        """Copy HF-named tensors into the model (any subset: RL trainers push updates this way).
+
+        Unknown names and wrong shapes raise naming the tensor. With a tied head, lm_head.weight
+        is skipped (the head is the embedding). strict=True also raises when a weight was not
+        given. Returns the set of names loaded.
+        """
+        targets = self.hf_weight_map()
+        loaded: set[str] = set()
+        for name, tensor in named_tensors:
+            tied_head = name == "lm_head.weight" and self.lm_head is None
+            if tied_head or name.endswith(IGNORED_SUFFIXES):
+                continue
+            dst = targets.get(name)
+            if dst is None:
+                raise KeyError(f"unexpected tensor {name!r}: not a parameter of this "
+                               f"{self.config.model_type} model")
+            if tuple(tensor.shape) != tuple(dst.shape):
+                raise ValueError(f"tensor {name!r} has shape {list(tensor.shape)}, the config "
+                                 f"expects {list(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(name)
+        if strict:
+            missing = sorted(set(targets) - loaded)
+            if missing:
+                more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+                raise KeyError(f"missing tensor(s) {', '.join(missing[:5])}{more}")
+        return loaded
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_vocab: int) -> None:
+        """Grow (or shrink) the embedding and an untied LM head to new_vocab rows; existing rows
+        are kept, new rows are zero (npr.tokenizer.add_tag_tokens initialises them)."""
+        old = self.config.vocab_size
+        if new_vocab == old:
+            return
+        if new_vocab <= 0:
+            raise ValueError(f"resize_token_embeddings: new_vocab must be > 0, got {new_vocab}")
+        n = min(old, new_vocab)
+
+        def grow(p: nn.Parameter) -> nn.Parameter:
+            w = torch.zeros(new_vocab, p.shape[1], dtype=p.dtype, device=p.device)
+            w[:n] = p.data[:n]
+            return nn.Parameter(w, requires_grad=p.requires_grad)
+
+        self.embed_tokens = grow(self.embed_tokens)
+        if self.lm_head is not None:
+            self.lm_head = grow(self.lm_head)
+        self.config.vocab_size = new_vocab
