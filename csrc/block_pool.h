@@ -59,7 +59,8 @@ struct BlockEntry {
 
 struct AppendResult {
   std::vector<int64_t> slots;                          // physical slot of each new token, in order
-  std::vector<std::pair<int32_t, int32_t>> copies;     // (src_block, dst_block): apply BEFORE writing
+  // (src_block, dst_block) copy-on-write copies: apply to the KV cache BEFORE writing the slots
+  std::vector<std::pair<int32_t, int32_t>> copies;
 };
 
 class BlockPool {

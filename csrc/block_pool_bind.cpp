@@ -37,7 +37,7 @@ void bind_block_pool(py::module_& m) {
       });
 
   py::class_<BlockPool>(m, "BlockPool",
-                        "Paged KV block pool with refcounted copy-on-write tables (csrc/block_pool.h)")
+                        "Paged KV block pool, refcounted copy-on-write tables (csrc/block_pool.h)")
       .def(py::init<int32_t, int32_t>(), py::arg("num_blocks"), py::arg("block_size") = 16)
       .def("create", &BlockPool::create, "a new empty table; returns its id")
       .def("append", &BlockPool::append, py::arg("table"), py::arg("n"))

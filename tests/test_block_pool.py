@@ -145,7 +145,8 @@ class PoolModel:
             for b, _f in ct.entries[:np_]:
                 self._decref(b)
         pt.children = []
-        pt.sealed = bool(pt.entries) and pt.entries[-1][1] < self.bs and self.ref[pt.entries[-1][0]] > 1
+        last = pt.entries[-1] if pt.entries else None
+        pt.sealed = last is not None and last[1] < self.bs and self.ref[last[0]] > 1
 
     def _release(self, t: int) -> None:
         tb = self.tables.pop(t)
@@ -249,7 +250,8 @@ class Harness:
         assert len(set(got.slots)) == len(got.slots)
         for src, dst in got.copies:  # copy-on-write: only a shared, partly filled last block
             self.counts["copies"] += 1
-            self.cache[dst * self.bs:(dst + 1) * self.bs] = self.cache[src * self.bs:(src + 1) * self.bs]
+            bs = self.bs
+            self.cache[dst * bs:(dst + 1) * bs] = self.cache[src * bs:(src + 1) * bs]
         for s in got.slots:
             self.cache[s] = self.next_token
             self.tokens[t].append(self.next_token)

@@ -1,5 +1,6 @@
 """npr::write_kv / npr::copy_blocks (C++ CPU, Triton under TRITON_INTERPRET=1) against npr.ref.kv;
-opcheck; bad input; and the pool + cache together (slots and copy-on-write copies from BlockPool)."""
+opcheck; bad input; the pool + cache together (slots and copy-on-write copies from BlockPool);
+CUDA (cpp and Triton) where a GPU is present."""
 from __future__ import annotations
 
 import os
@@ -155,7 +156,8 @@ def test_write_kv_opcheck(shape, dtype):
     k = torch.randn(T, H, D, generator=g).to(dtype)
     v = torch.randn(T, H, D, generator=g).to(dtype)
     kc, vc = make_cache(nb, H, bs, D, dtype, g)
-    torch.library.opcheck(torch.ops.npr.write_kv.default, (k, v, kc, vc, random_slots(T, nb, bs, g)))
+    slots = random_slots(T, nb, bs, g)
+    torch.library.opcheck(torch.ops.npr.write_kv.default, (k, v, kc, vc, slots))
 
 
 @needs_ext
@@ -250,7 +252,8 @@ def test_pool_and_cache_together(backend):
     def check() -> None:
         for t, (tk, tv) in truth.items():
             s = torch.tensor(pool.slots(t), dtype=torch.int64)
-            assert torch.equal(kc[s // bs, :, s % bs], tk) and torch.equal(vc[s // bs, :, s % bs], tv)
+            blk, off = s // bs, s % bs
+            assert torch.equal(kc[blk, :, off], tk) and torch.equal(vc[blk, :, off], tv)
 
     root = pool.create()
     truth[root] = (torch.zeros(0, H, D), torch.zeros(0, H, D))
