@@ -290,8 +290,11 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
         std::fill(srow, srow + ntp, 0.f);
         continue;
       }
-      float mx = NEG_INF;
-      for (int j = 0; j < nvalid; ++j) mx = std::max(mx, srow[j]);
+      __m256 vmx = _mm256_set1_ps(NEG_INF);
+      int j0 = 0;
+      for (; j0 + 8 <= nvalid; j0 += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(srow + j0));
+      float mx = hmax256(vmx);
+      for (; j0 < nvalid; ++j0) mx = std::max(mx, srow[j0]);
       const float m_old = s.mrow[m];
       const float m_new = std::max(m_old, mx);
       const float alpha = m_old == NEG_INF ? 0.f : std::exp(m_old - m_new);
