@@ -214,22 +214,21 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
   std::fill(s.mrow.begin(), s.mrow.begin() + M, NEG_INF);
   std::fill(s.lrow.begin(), s.lrow.begin() + M, 0.f);
   const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  const T* kraw[KT];
-  const T* vraw[KT];
+  // Key tiles are gathered one ahead: while tile i is computed, tile i+1's rows are prefetched
+  // (rows of one cache block are contiguous, but consecutive blocks of a head are far apart).
   int64_t e = c.item_ents[2 * w];
-  int off = 0;
-  for (int tok = 0; tok < max_nv;) {
-    // gather the next tile's key rows (entries may be partly filled anywhere)
+  int off = 0, gathered = 0;
+  auto gather = [&](const T** kr, const T** vr) -> int {  // walks the entries (ragged fills)
     int nt = 0;
-    while (nt < KT && tok + nt < max_nv) {
+    while (nt < KT && gathered + nt < max_nv) {
       const int64_t blk = c.seg_blocks[e];
       const int fill = c.seg_fills[e];
-      const int take = std::min({fill - off, KT - nt, max_nv - tok - nt});
+      const int take = std::min({fill - off, KT - nt, max_nv - gathered - nt});
       const T* kb = c.k + blk * c.k_sb + kvh * c.k_sh + off * c.k_ss;
       const T* vb = c.v + blk * c.v_sb + kvh * c.v_sh + off * c.v_ss;
       for (int j = 0; j < take; ++j) {
-        kraw[nt + j] = kb + j * c.k_ss;
-        vraw[nt + j] = vb + j * c.v_ss;
+        kr[nt + j] = kb + j * c.k_ss;
+        vr[nt + j] = vb + j * c.v_ss;
       }
       nt += take;
       off += take;
@@ -238,6 +237,26 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
         off = 0;
       }
     }
+    gathered += nt;
+    return nt;
+  };
+  const T* bufs[4][KT];
+  const T** kraw = bufs[0];
+  const T** vraw = bufs[1];
+  const T** knext = bufs[2];
+  const T** vnext = bufs[3];
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
+  int nt_next = gather(knext, vnext);
+  for (int tok = 0; tok < max_nv;) {
+    std::swap(kraw, knext);
+    std::swap(vraw, vnext);
+    const int nt = nt_next;
+    nt_next = gather(knext, vnext);
+    for (int j = 0; j < nt_next; ++j)  // into L2: measured best of T0 / T1 / NTA here
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(knext[j]) + b, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(vnext[j]) + b, _MM_HINT_T1);
+      }
     for (int j = 0; j < nt; ++j) {
       if constexpr (std::is_same_v<T, float>) {
         s.kp[j] = kraw[j];
@@ -271,8 +290,11 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
         std::fill(srow, srow + ntp, 0.f);
         continue;
       }
-      float mx = NEG_INF;
-      for (int j = 0; j < nvalid; ++j) mx = std::max(mx, srow[j]);
+      __m256 vmx = _mm256_set1_ps(NEG_INF);
+      int j0 = 0;
+      for (; j0 + 8 <= nvalid; j0 += 8) vmx = _mm256_max_ps(vmx, _mm256_loadu_ps(srow + j0));
+      float mx = hmax256(vmx);
+      for (; j0 < nvalid; ++j0) mx = std::max(mx, srow[j0]);
       const float m_old = s.mrow[m];
       const float m_new = std::max(m_old, mx);
       const float alpha = m_old == NEG_INF ? 0.f : std::exp(m_old - m_new);

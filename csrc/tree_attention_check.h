@@ -7,12 +7,15 @@
 #include <cstdint>
 
 namespace npr {
+// Internal linkage: this header is compiled both by the host compiler (CPU op) and by nvcc (CUDA
+// op); each TU keeps its own copy rather than the linker picking one of two compilers' versions.
+namespace {
 
 struct TreeAttentionDims {
   int64_t T, Hq, D, NB, Hkv, BS, G, R, S, E, W, P;
 };
 
-inline void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& q,
+void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& q,
                                int64_t dim = 1) {
   TORCH_CHECK(t.scalar_type() == at::kInt, "npr::tree_attention: ", name, " must be int32, got ",
               t.scalar_type());
@@ -24,7 +27,7 @@ inline void check_index_tensor(const at::Tensor& t, const char* name, const at::
 }
 
 // q: [T, Hq, D]; k_cache, v_cache: [NB, Hkv, BS, D]; the rest int32 (see npr/ops/attention.py).
-inline TreeAttentionDims check_tree_attention_args(
+TreeAttentionDims check_tree_attention_args(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& q_indptr, const at::Tensor& seg_indptr, const at::Tensor& seg_blocks,
     const at::Tensor& seg_fills, const at::Tensor& row_seg_indptr, const at::Tensor& row_segs,
@@ -95,4 +98,5 @@ inline TreeAttentionDims check_tree_attention_args(
   return d;
 }
 
+}  // namespace
 }  // namespace npr

@@ -265,7 +265,7 @@ void launch_partial(const PartialParams<T>& prm, int W, int Hkv, int max_m, cuda
   const size_t smem = sizeof(float) * (size_t(MT) * D + size_t(KT) * (D + 1) + size_t(KT) * D +
                                        size_t(MT) * KT);
   auto kernel = tree_attention_partial_kernel<T, ROWS, NPL>;
-  if (smem > 48 * 1024) {
+  if (smem > 48 * 1024) {  // opt in (per device, so on every launch that needs it)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
   }

@@ -5,18 +5,14 @@ Kernel 1, grid (work item, kv head, query-head tile): the item's queries x G hea
 softmax; writes a partial output + log-sum-exp per (query, head). Kernel 2, grid (query, head):
 merges the query's partials by log-sum-exp.
 
-Tested on CPU with TRITON_INTERPRET=1 (set before triton is imported). The interpreter computes
-tl.dot on bf16 wrongly, so there the dots run in fp32.
+Dots run in fp32 (input_precision="ieee": no tf32) for every storage dtype: correct first, and
+decode is memory-bound. Tested on CPU with TRITON_INTERPRET=1 (set before triton is imported).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -25,7 +21,7 @@ def _partial_kernel(
     o_part, lse_part,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     Hq, G, D, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LOWP_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     w = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -45,8 +41,6 @@ def _partial_kernel(
         q = tl.load(q_ptr + tq[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         q = q.to(tl.float32) * scale
-        if LOWP_DOT:
-            q = q.to(k_ptr.dtype.element_ty)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -62,13 +56,9 @@ def _partial_kernel(
                         + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + blk * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs
                         + offs_d[None, :], mask=kv_mask, other=0.0)
-            if not LOWP_DOT:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if LOWP_DOT:
-                s = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N], fp32 accumulation
-            else:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N]
             valid = n_mask[None, :] & ((tok + offs_n)[None, :] < nv[:, None])
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -76,10 +66,7 @@ def _partial_kernel(
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if LOWP_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v_ptr.dtype.element_ty), v)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
             m_i = m_new
             tok += fill
         out_row = (p0 + qi) * Hq + head
@@ -142,7 +129,6 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_N = max(16, triton.next_power_of_2(BS))
     BLOCK_M = max(16, min(64, triton.next_power_of_2(plan.max_item_parts * G)))
-    lowp = q.dtype in (torch.bfloat16, torch.float16) and not _INTERPRET
     grid = (W, Hkv, triton.cdiv(plan.max_item_parts * G, BLOCK_M))
     if W:
         _partial_kernel[grid](
@@ -150,7 +136,7 @@ def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             plan.item_part_indptr, plan.part_q, plan.part_nvis, o_part, lse_part,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), Hq, G, D, float(scale),
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, LOWP_DOT=lowp)
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
     _merge_kernel[(T, Hq)](o_part, lse_part, plan.q_part_indptr, plan.q_parts, out, out.stride(0),
                            out.stride(1), Hq, D, BLOCK_D=BLOCK_D)
     return out

@@ -125,17 +125,19 @@ def test_cpu_prefill_and_loose_rows(seed):
 
 
 def _sdpa_bf16_error(q, k, v, tree, ref):
-    """Max abs error of torch's own SDPA in q.dtype on the gathered K/V vs the fp64 reference."""
+    """Max abs error of torch's own SDPA in q.dtype (on q's device) on the gathered K/V vs the
+    fp64 reference."""
     err = 0.0
     kv = R.gather_kv(k, v, *[tree[n] for n in TREE_KEYS[1:]])
     qi = tree["q_indptr"]
     for r, (K, V) in enumerate(kv):
         a, b = qi[r], qi[r + 1]
         n, L = b - a, K.shape[1]
-        mask = torch.arange(L)[None, :] <= torch.arange(L - n, L)[:, None]
+        pos = torch.arange(L, device=q.device)
+        mask = pos[None, :] <= pos[L - n:, None]
         o = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), K, V, attn_mask=mask,
                                            enable_gqa=True).transpose(0, 1)
-        err = max(err, float((o.double() - ref[a:b]).abs().max()))
+        err = max(err, float((o.double().cpu() - ref[a:b]).abs().max()))
     return err
 
 
@@ -351,7 +353,7 @@ def test_gpu_matches_reference(backend, dtype, case):
     if dtype == torch.float32:
         assert rel_err(o, ref) <= 1e-5
     else:
-        sdpa = _sdpa_bf16_error(q.cpu(), k.cpu(), v.cpu(), tree, ref)
+        sdpa = _sdpa_bf16_error(q, k, v, tree, ref)
         assert float((o.double().cpu() - ref).abs().max()) <= 2 * sdpa + 1e-6
 
 
