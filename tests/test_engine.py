@@ -329,3 +329,21 @@ def test_abort_sleep_wake_update_weights(model, tok, tag_ids, labels):
     # same weights pushed back: same output
     eng.update_weights(list(model.hf_weight_map().items()))
     assert eng.generate(input_ids=[ids], sampling_params=sp)[0].outputs[0].token_ids == ref
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or not npr._ext.with_cuda(),
+                    reason="needs a CUDA device and npr._C built with CUDA")
+def test_cuda_engine_matches_naive_decoder(model, tok, tag_ids, labels):
+    import copy
+
+    gpu_model = copy.deepcopy(model).cuda()
+    eng = npr.Engine(gpu_model, tok, kv_cache_tokens=4096, device="cuda")
+    for i, (text, branches) in enumerate(CASES):
+        ids = tok.encode(text, add_special_tokens=False)
+        f = make_forcer(tok, tag_ids, labels, len(ids), branches, seed=100 + i)
+        sp = npr.SamplingParams(temperature=0, max_new_tokens=400, logits_processors=[f])
+        c = eng.generate(input_ids=[ids], sampling_params=sp)[0].outputs[0]
+        want_ids, want_pos = naive_decode(model, ids, f, tag_ids, labels, tok.eos_token_id, 400)
+        assert c.token_ids == want_ids and c.position_ids == want_pos
+    assert eng.pool_stats()["used_blocks"] == 0
