@@ -297,7 +297,9 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
       for (; j0 < nvalid; ++j0) mx = std::max(mx, srow[j0]);
       const float m_old = s.mrow[m];
       const float m_new = std::max(m_old, mx);
-      const float alpha = m_old == NEG_INF ? 0.f : std::exp(m_old - m_new);
+      // alpha rescales what the row summed so far; exactly 1 (no exp, no rescale) when the max
+      // holds, which is most tiles once a row has seen a few
+      const float alpha = m_old == m_new ? 1.f : (m_old == NEG_INF ? 0.f : std::exp(m_old - m_new));
       const __m256 vmax = _mm256_set1_ps(m_new), vn = _mm256_set1_ps(static_cast<float>(nvalid));
       __m256 vsum = _mm256_setzero_ps();
       for (int j = 0; j < ntp; j += 8) {

@@ -226,14 +226,18 @@ def plan(
     q_part_indptr = np.concatenate([[0], np.cumsum(counts)])
     kv_tokens_read = int(sum(cum[it[2]] - cum[it[1]] for it in items))
 
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int32)).to(device)
+    # one int32 buffer, one host-to-device copy; the plan's tensors are contiguous views of it
+    parts = [qi, si, sb, sf, ri, rs, item_ents.reshape(-1), item_part_indptr, part_q, part_nvis,
+             q_part_indptr, q_parts]
+    buf = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device)
+    (t_qi, t_si, t_sb, t_sf, t_ri, t_rs, t_ie, t_ipi, t_pq, t_pn, t_qpi,
+     t_qp) = torch.split(buf, [a.size for a in parts])
 
     return TreeAttentionPlan(
-        q_indptr=t(qi), seg_indptr=t(si), seg_blocks=t(sb), seg_fills=t(sf),
-        row_seg_indptr=t(ri), row_segs=t(rs),
-        item_ents=t(item_ents), item_part_indptr=t(item_part_indptr), part_q=t(part_q),
-        part_nvis=t(part_nvis), q_part_indptr=t(q_part_indptr), q_parts=t(q_parts),
+        q_indptr=t_qi, seg_indptr=t_si, seg_blocks=t_sb, seg_fills=t_sf,
+        row_seg_indptr=t_ri, row_segs=t_rs,
+        item_ents=t_ie.view(W, 2), item_part_indptr=t_ipi, part_q=t_pq,
+        part_nvis=t_pn, q_part_indptr=t_qpi, q_parts=t_qp,
         block_size=int(block_size), num_queries=T,
         max_item_parts=int(nparts.max()) if W else 0,
         row_lens=tuple(int(x) for x in row_len), kv_tokens_read=kv_tokens_read,
