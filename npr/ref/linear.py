@@ -1,0 +1,40 @@
+"""Reference linear: y = x @ W^T (+ b) in fp32 with the weights widened from their storage dtype."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACK_N = 3  # outputs per packed block (csrc/linear_kernel.h kPackN)
+PACK_K = 8  # weights per packed chunk (kPackK)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K], weight: [N, K] (any float dtype), bias: [N] or None -> [..., N] in x.dtype.
+
+    Computed in fp32 (bf16 / fp16 weights widened exactly), like npr::linear_small.
+    """
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), b).to(x.dtype)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight: [N, K] -> [ceil(N/3), ceil(K/8), 3, 8], zero-padded: block b, chunk c holds the
+    weights k in [8c, 8c+8) of outputs 3b, 3b+1, 3b+2 (the layout npr::linear_packed reads)."""
+    n, k = weight.shape
+    n_pad, k_pad = -(-n // PACK_N) * PACK_N, -(-k // PACK_K) * PACK_K
+    w = torch.zeros(n_pad, k_pad, dtype=weight.dtype, device=weight.device)
+    w[:n, :k] = weight
+    return w.view(n_pad // PACK_N, PACK_N, k_pad // PACK_K, PACK_K).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """packed: [ceil(N/3), ceil(K/8), 3, 8] -> weight [N, K] (inverse of pack_weight)."""
+    nb, kc = packed.shape[0], packed.shape[1]
+    w = packed.permute(0, 2, 1, 3).reshape(nb * PACK_N, kc * PACK_K)
+    return w[:n, :k].contiguous()
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K], packed: pack_weight([N, K]), bias: [N] or None -> [..., N] in x.dtype."""
+    return linear(x, unpack_weight(packed, n, x.shape[-1]), bias)
