@@ -28,6 +28,7 @@ from npr import _ext, env, ref
 SMALL_ROWS_MAX = 32
 
 _KERNEL_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HAVE_EXT = _ext.available()
 
 if _ext.available():
 
@@ -67,6 +68,10 @@ class PackedWeight:
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def is_cpu(self) -> bool:
+        return self.data.is_cpu
+
     def unpack(self) -> torch.Tensor:
         """-> [N, K] in the storage dtype."""
         return ref.unpack_weight(self.data, self.out_features, self.in_features)
@@ -88,24 +93,26 @@ def pack_linear_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -
 
 
 def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+    k = x.shape[-1]
+    return x.numel() // k if k else 0
 
 
+# The checks below run on every decode-step linear (~120 per SmolLM2 step): cheap tests first
+# (tensor.is_cpu is ~5x cheaper than tensor.device.type); the env knob (~1 us to read) last.
 def _kernel_ok(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
                bias: torch.Tensor | None) -> bool:
-    return (_ext.available() and not env.force_reference() and x.dtype == torch.float32
-            and x.dim() >= 1 and x.device.type == "cpu" and weight.device.type == "cpu"
-            and weight.dtype in _KERNEL_WEIGHT_DTYPES
-            and (bias is None or bias.device.type == "cpu"))
+    """x fp32 on CPU, weight storage the kernels read, the extension built, no NPR_FORCE_REF."""
+    wd = weight.data if isinstance(weight, PackedWeight) else weight
+    return (x.dtype == torch.float32 and x.is_cpu and wd.is_cpu and x.dim() >= 1
+            and wd.dtype in _KERNEL_WEIGHT_DTYPES and (bias is None or bias.is_cpu)
+            and _HAVE_EXT and not env.force_reference())
 
 
 def _use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether linear(x, weight: [N, K] tensor, bias) runs npr::linear_small."""
-    if not _kernel_ok(x, weight, bias) or weight.dim() != 2:
+    if weight.dim() != 2 or not _kernel_ok(x, weight, bias):
         return False
-    if weight.dtype == torch.float32:
-        return 0 < _rows(x) <= SMALL_ROWS_MAX
-    return True
+    return weight.dtype != torch.float32 or 0 < _rows(x) <= SMALL_ROWS_MAX
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
@@ -115,13 +122,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
     For fp32 x the result is fp32 whatever the weight storage; for other x dtypes the weight and
     bias are cast to x.dtype (torch semantics).
     """
-    b32 = bias if bias is None or bias.dtype == torch.float32 else bias.float()
     if isinstance(weight, PackedWeight):
         if _kernel_ok(x, weight, bias):
-            return torch.ops.npr.linear_packed(x, weight.data, weight.out_features, b32)
+            return torch.ops.npr.linear_packed(x, weight.data, weight.out_features, _f32(bias))
         weight = weight.unpack()
     elif _use_kernel(x, weight, bias):
-        return torch.ops.npr.linear_small(x, weight, b32)
+        return torch.ops.npr.linear_small(x, weight, _f32(bias))
     if env.force_reference():
         return ref.linear(x, weight, bias)
     if weight.dtype != x.dtype:
@@ -129,3 +135,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t if t is None or t.dtype == torch.float32 else t.float()

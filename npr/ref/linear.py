@@ -38,3 +38,25 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K], packed: pack_weight([N, K]), bias: [N] or None -> [..., N] in x.dtype."""
     return linear(x, unpack_weight(packed, n, x.shape[-1]), bias)
+
+
+def linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference of npr::linear_fused, in fp32 (returned in x.dtype).
+
+    x: [..., K] ([..., 2K] = gate | up with silu_mul), weight: [N, K], bias: [N] | None,
+    norm_weight: [K] | None (rms_norm of x first), residual: [..., N] | None -> [..., N]
+    """
+    if silu_mul and norm_weight is not None:
+        raise ValueError("linear_fused: norm_weight and silu_mul are exclusive")
+    h = x.float()
+    if norm_weight is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    if silu_mul:
+        g, u = h.chunk(2, dim=-1)
+        h = F.silu(g) * u
+    y = linear(h, weight, bias)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
