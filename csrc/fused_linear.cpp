@@ -1,10 +1,13 @@
 // npr::linear_fused — one op for a decode step's "elementwise op + linear (+ residual)":
 //   norm_weight given: x' = rms_norm(x, norm_weight, eps)       (input norm -> qkv, gate_up)
 //   silu_mul:          x' = silu(x[..., :K]) * x[..., K:]       (MLP activation -> down)
-//   residual given:    y  = x' @ W^T (+ b) + residual           (o, down -> residual stream)
+//   rope_cos/sin given: rotary embedding on the first rope_heads heads of y (q and k of a
+//                      fused qkv projection), y_h = y_h * cos + rotate_half(y_h) * sin
+//   residual given:    y  = y + residual                        (o, down -> residual stream)
 // Why: with weights streamed at DRAM speed a SmolLM2 decode step is ~10 ms, and each separate
 // small op costs 2-12 us of dispatch + Python wrapper (measured: rms_norm 4-8 us, silu*mul
-// 7-13 us, add ~1.5 us); one layer has ~7 of them besides its 4 linears.
+// 7-13 us, add ~1.5 us, HF-style RoPE of q and k ~45 us); one layer has ~8 of them besides its
+// 4 linears.
 // x' lives in a small scratch buffer ([M, K], zero-padded to a multiple of 8 for packed
 // weights); the linear is the same kernel as npr::linear_small / npr::linear_packed.
 #include <ATen/core/Tensor.h>
@@ -74,15 +77,41 @@ void rms_norm_row(const float* x, const float* w, float* out, int64_t K, float e
   for (; k < K; ++k) out[k] = x[k] * inv * w[k];
 }
 
+// Rotary embedding in place on heads [0, H) of one row y (head size D, halves rotated as in
+// HF's rotate_half): y_h = y_h * c + rotate_half(y_h) * s, c / s: [D].
+void rope_row(float* y, const float* c, const float* s, int64_t H, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < H; ++h) {
+    float* a = y + h * D;
+    float* b = a + half;
+    int64_t i = 0;
+    for (; i + 8 <= half; i += 8) {
+      const __m256 av = _mm256_loadu_ps(a + i), bv = _mm256_loadu_ps(b + i);
+      _mm256_storeu_ps(a + i, _mm256_fnmadd_ps(bv, _mm256_loadu_ps(s + i),
+                                               _mm256_mul_ps(av, _mm256_loadu_ps(c + i))));
+      _mm256_storeu_ps(b + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(s + half + i),
+                                              _mm256_mul_ps(bv, _mm256_loadu_ps(c + half + i))));
+    }
+    for (; i < half; ++i) {
+      const float av = a[i], bv = b[i];
+      a[i] = av * c[i] - bv * s[i];
+      b[i] = bv * c[half + i] + av * s[half + i];
+    }
+  }
+}
+
 }  // namespace
 
 // x: [..., K] (or [..., 2K] with silu_mul) fp32; weight: [N, K] or packed [ceil(N/3),
 // ceil(K/8), 3, 8], fp32 | bf16 | fp16; n: N; bias: [N] | None; norm_weight: [K] | None;
-// residual: [..., N] | None -> [..., N] fp32
+// residual: [..., N] | None; rope_cos, rope_sin: [..., D] | None (one row per x row), rope_heads:
+// heads of size D rotated from column 0 -> [..., N] fp32
 at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t n,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& norm_weight, double eps,
-                            bool silu_mul, const std::optional<at::Tensor>& residual) {
+                            bool silu_mul, const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& rope_cos,
+                            const std::optional<at::Tensor>& rope_sin, int64_t rope_heads) {
   const char* op = "npr::linear_fused";
   const at::Tensor bc = check_x_bias(op, x, bias, n);
   TORCH_CHECK(!(silu_mul && norm_weight.has_value()), op,
@@ -110,6 +139,25 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
                 at::IntArrayRef(shape), "; got ", residual->scalar_type(), " ",
                 residual->sizes());
     rc = residual->contiguous();
+  }
+  at::Tensor cc, sc;
+  int64_t D = 0;
+  TORCH_CHECK(rope_cos.has_value() == rope_sin.has_value(), op,
+              ": rope_cos and rope_sin go together");
+  if (rope_cos.has_value()) {
+    D = rope_cos->size(-1);
+    const bool ok = rope_cos->scalar_type() == at::kFloat &&
+                    rope_sin->scalar_type() == at::kFloat && rope_cos->device().is_cpu() &&
+                    rope_sin->device().is_cpu() && rope_cos->sizes() == rope_sin->sizes() &&
+                    rope_cos->dim() == x.dim() &&
+                    rope_cos->sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1);
+    TORCH_CHECK(ok, op, ": rope_cos and rope_sin must be float32 CPU [..., D] with the leading ",
+                "dims of x ", x.sizes(), "; got ", rope_cos->sizes(), " and ", rope_sin->sizes());
+    TORCH_CHECK(D % 2 == 0 && rope_heads >= 0 && rope_heads * D <= n, op,
+                ": rope needs an even head size D and rope_heads * D <= N; got D = ", D,
+                ", rope_heads = ", rope_heads, ", N = ", n);
+    cc = rope_cos->contiguous();
+    sc = rope_sin->contiguous();
   }
   at::Tensor y = at::empty(shape, x.options());
   if (y.numel() == 0) return y;
@@ -139,6 +187,11 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
     run_linear(xs.data(), ldx, M, K, wc, n, bc.defined() ? bc.const_data_ptr<float>() : nullptr,
                yp);
   }
+  if (cc.defined() && rope_heads > 0) {
+    for (int64_t m = 0; m < M; ++m)
+      rope_row(yp + m * n, cc.const_data_ptr<float>() + m * D, sc.const_data_ptr<float>() + m * D,
+               rope_heads, D);
+  }
   if (rc.defined()) {
     const float* rp = rc.const_data_ptr<float>();
     const int64_t total = M * n;
@@ -155,7 +208,8 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
 TORCH_LIBRARY_FRAGMENT(npr, m) {
   m.def(
       "linear_fused(Tensor x, Tensor weight, int n, Tensor? bias, Tensor? norm_weight, "
-      "float eps, bool silu_mul, Tensor? residual) -> Tensor");
+      "float eps, bool silu_mul, Tensor? residual, Tensor? rope_cos=None, Tensor? rope_sin=None, "
+      "int rope_heads=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(npr, CPU, m) { m.impl("linear_fused", &npr::linear_fused_cpu); }

@@ -7,8 +7,9 @@
 //  * plain [N, K] weights: one output row at a time, up to 8 x rows per register block
 //    (8 accumulators; fewer rows use several accumulator sets along K);
 //  * packed [N/3, K/8, 3, 8] weights (pack_linear_weight): 3 outputs x up to 4 rows per
-//    block, so each x load feeds 3 FMAs and each weight load 4: ~1.5x the FMA rate of the plain
-//    kernel at 4-8 rows, where the FMA units (not DRAM) become the limit.
+//    block, so each x load feeds 3 FMAs and each weight load 4: a higher FMA rate at 4+ rows,
+//    where the FMA units (not DRAM) become the limit (1 thread, weights in cache, 576x1536:
+//    84-89 vs 64-77 GFLOP/s at 4-8 rows; 49 -> 68 at K = 1536, where 8 x rows leave L1).
 #pragma once
 #include <immintrin.h>
 
@@ -41,16 +42,22 @@ struct F16 {
   static float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
 };
 
-// Software prefetch: this many bytes ahead in the weight stream, into L2 (T1). Measured on the
-// build machine (1 thread, 576x6144 fp32, 8 rows): 1 KiB into L1 left DRAM and FMAs taking
-// turns (2.3x the 1-row time); 8 KiB into L2 overlaps them (1.07x with the packed kernel).
+// Software prefetch: this many bytes ahead in the weight stream, into L2 (T1), for calls with
+// at least kPrefetchMinRows rows. Measured on the build machine (1 thread, 576x6144, best of
+// 30, A/B interleaved): at 8 rows, 8 KiB into L2 overlaps DRAM with the FMAs (packed fp32
+// 1.48 -> 0.79 ms, bf16 1.02 -> 0.65 ms; 1 KiB into L1 gave 1.34 ms); at 1-3 rows the
+// hardware prefetcher alone is as fast or faster (packed fp32, 1 row: 0.44 vs 0.55 ms).
 #ifndef NPR_LINEAR_PREFETCH_BYTES
 #define NPR_LINEAR_PREFETCH_BYTES 8192
 #endif
 #ifndef NPR_LINEAR_PREFETCH_HINT
 #define NPR_LINEAR_PREFETCH_HINT _MM_HINT_T1
 #endif
+#ifndef NPR_LINEAR_PREFETCH_MIN_ROWS
+#define NPR_LINEAR_PREFETCH_MIN_ROWS 4
+#endif
 constexpr int64_t kPrefetchBytes = NPR_LINEAR_PREFETCH_BYTES;
+constexpr int64_t kPrefetchMinRows = NPR_LINEAR_PREFETCH_MIN_ROWS;
 
 template <class T>
 inline void prefetch(const T* p) {
@@ -90,7 +97,8 @@ inline void row_block(const float* __restrict x, int64_t ldx, const typename W::
   int64_t k = 0;
   const int64_t KU = K - K % (8 * U);
   for (; k < KU; k += 8 * U) {
-    if (pf && (k % line) < 8 * U) prefetch(w + k + ahead);  // runs on into the next rows
+    // One prefetch per cache line; it runs on into the next weight rows.
+    if (ahead > 0 && pf && (k % line) < 8 * U) prefetch(w + k + ahead);
     for (int u = 0; u < U; ++u) {
       const __m256 wv = W::load8(w + k + 8 * u);
       for (int i = 0; i < MB; ++i)
@@ -139,7 +147,7 @@ inline void plain_rows(const float* x, int64_t ldx, int64_t M, const typename W:
   split_rows<8>(M, [&](int64_t m0, int64_t mb) {
     const float* xb = x + m0 * ldx;
     float* yb = y + m0 * ldy;
-    const bool pf = m0 == 0;
+    const bool pf = m0 == 0 && M >= kPrefetchMinRows;
     switch (mb) {
       case 1: row_block<W, 1>(xb, ldx, w, K, bias, yb, ldy, pf); break;
       case 2: row_block<W, 2>(xb, ldx, w, K, bias, yb, ldy, pf); break;
@@ -180,7 +188,7 @@ inline void packed_block(const float* __restrict x, int64_t ldx,
   const int64_t KU = Kp - Kp % (8 * U);
   for (; k < KU; k += 8 * U) {
     const T* wk = wb + k * NB;
-    if (pf) {
+    if (ahead > 0 && pf) {
       for (int64_t o = 0; o < step; o += line) prefetch(wk + ahead + o);
     }
     for (int u = 0; u < U; ++u) {
@@ -216,7 +224,7 @@ inline void packed_rows(const float* x, int64_t ldx, int64_t M, const typename W
   split_rows<kPackRows>(M, [&](int64_t m0, int64_t mb) {
     const float* xb = x + m0 * ldx;
     float* yb = y + m0 * ldy;
-    const bool pf = m0 == 0;
+    const bool pf = m0 == 0 && M >= kPrefetchMinRows;
     switch (mb) {
       case 1: packed_block<W, 1>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid, pf); break;
       case 2: packed_block<W, 2>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid, pf); break;

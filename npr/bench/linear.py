@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plain ([N, K] weights), packed (pack_linear_weight)")
     p.add_argument("--iters", type=int, default=15, help="timed calls per case (best is kept)")
     p.add_argument("--no-step", action="store_true", help="skip the SmolLM2 decode-step case")
+    p.add_argument("--no-fused", action="store_true",
+                   help="skip the step variant with npr.ops.linear_fused")
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
 
 
@@ -108,13 +110,16 @@ class _Step:
     """The linears of one decode step with random weights of the real shapes, in model order:
     per layer rms_norm -> qkv (576->960) -> o (576->576) -> residual -> rms_norm -> gate+up
     (576->2x1536) -> silu*mul -> down (1536->576) -> residual; then the final norm and the LM
-    head (576->49152) for the sampling rows. Attention itself is left out (o takes q's slice)."""
+    head (576->49152) for the sampling rows. Attention itself is left out (o takes q's slice).
+    fused: the same with npr.ops.linear_fused (norms, silu*mul and residuals folded in)."""
 
-    def __init__(self, dtype: torch.dtype, linear: Callable = ops.linear, packed: bool = False):
+    def __init__(self, dtype: torch.dtype, linear: Callable = ops.linear, packed: bool = False,
+                 fused: bool = False):
         c = SMOL
         d, f = c["hidden"], c["mlp"]
         qkv = c["q"] + 2 * c["kv"]
         self.linear = linear
+        self.fused = fused
         self.layers = [
             dict(n1=torch.ones(d), n2=torch.ones(d),
                  qkv=(torch.randn(qkv, d) * d**-0.5).to(dtype),
@@ -139,6 +144,14 @@ class _Step:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [M, 576] -> logits [M, 49152]."""
         lin, q, f = self.linear, SMOL["q"], SMOL["mlp"]
+        if self.fused:  # 4 ops per layer (npr.ops.linear_fused)
+            lf = ops.linear_fused
+            for L in self.layers:
+                qkv = lf(x, L["qkv"], norm_weight=L["n1"], eps=1e-5)
+                x = lf(qkv[:, :q], L["o"], residual=x)
+                gu = lf(x, L["gu"], norm_weight=L["n2"], eps=1e-5)
+                x = lf(gu, L["down"], silu_mul=True, residual=x)
+            return lf(x, self.head, norm_weight=self.norm, eps=1e-5)
         for L in self.layers:
             h = ops.rms_norm(x, L["n1"], 1e-5)
             qkv = lin(h, L["qkv"])
@@ -160,9 +173,11 @@ def _step_rows(args, bw: float) -> list[dict]:
             x = torch.randn(m, SMOL["hidden"])
             torch_ms[m] = common.time_fn(lambda: tstep(x), warmup=1, iters=iters)["best_s"] * 1e3
         del tstep
+    variants = args.kernels.split(",") + ([] if args.no_fused else ["packed+fused"])
     for sname in args.storage.split(","):
-        for kname in args.kernels.split(","):
-            step = _Step(STORAGE[sname], packed=kname == "packed")
+        for kname in variants:
+            step = _Step(STORAGE[sname], packed=kname.startswith("packed"),
+                         fused=kname.endswith("fused"))
             floor_ms = step.weight_bytes / bw / 1e6
             base = None
             for m in rows_list:

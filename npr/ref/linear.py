@@ -42,11 +42,15 @@ def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
 
 def linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
-                 silu_mul: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+                 silu_mul: bool = False, residual: torch.Tensor | None = None,
+                 rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None,
+                 rope_heads: int = 0) -> torch.Tensor:
     """Reference of npr::linear_fused, in fp32 (returned in x.dtype).
 
     x: [..., K] ([..., 2K] = gate | up with silu_mul), weight: [N, K], bias: [N] | None,
-    norm_weight: [K] | None (rms_norm of x first), residual: [..., N] | None -> [..., N]
+    norm_weight: [K] | None (rms_norm of x first), rope_cos / rope_sin: [..., D] | None (rotary
+    embedding of output heads [0, rope_heads), HF rotate_half layout), residual: [..., N] | None
+    -> [..., N]
     """
     if silu_mul and norm_weight is not None:
         raise ValueError("linear_fused: norm_weight and silu_mul are exclusive")
@@ -57,6 +61,19 @@ def linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         g, u = h.chunk(2, dim=-1)
         h = F.silu(g) * u
     y = linear(h, weight, bias)
+    if rope_cos is not None and rope_heads > 0:
+        y = apply_rope(y, rope_cos, rope_sin, rope_heads)
     if residual is not None:
         y = y + residual.float()
     return y.to(x.dtype)
+
+
+def apply_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """y: [..., N], cos / sin: [..., D] -> y with heads [0, heads) of size D (columns
+    [0, heads * D)) rotated: y_h * cos + rotate_half(y_h) * sin (HF layout), in fp32."""
+    d = cos.shape[-1]
+    y = y.float()
+    r = y[..., : heads * d].unflatten(-1, (heads, d))
+    c, s = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)
+    rot = torch.cat((-r[..., d // 2:], r[..., : d // 2]), dim=-1)
+    return torch.cat(((r * c + rot * s).flatten(-2), y[..., heads * d:]), dim=-1)
