@@ -2,9 +2,10 @@
 (C++ / CUDA through torch.ops dispatch, Triton, or the pure-torch reference in npr.ref)."""
 from npr.ops import attention
 from npr.ops.attention import TreeAttentionPlan, tree_attention
+from npr.ops.fused import linear_fused
 from npr.ops.kv import copy_blocks, write_kv
-from npr.ops.linear import linear
+from npr.ops.linear import PackedWeight, linear, pack_linear_weight
 from npr.ops.norm import rms_norm
 
-__all__ = ["TreeAttentionPlan", "attention", "copy_blocks", "linear", "rms_norm", "tree_attention",
-           "write_kv"]
+__all__ = ["PackedWeight", "TreeAttentionPlan", "attention", "copy_blocks", "linear", "linear_fused",
+           "pack_linear_weight", "rms_norm", "tree_attention", "write_kv"]

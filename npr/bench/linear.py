@@ -1,0 +1,215 @@
+"""`npr bench linear`: the weight-streaming linear (npr.ops.linear) vs torch's F.linear at decode
+row counts, and one SmolLM2-135M decode step's linears.
+
+Weights are cold, as in a decode step (every layer's weights are evicted before they come back):
+each call uses the next of several weight copies that together exceed the last-level cache.
+Times are the best of N (the machine is shared and noisy). Fields:
+  ms / torch_ms        this kernel / F.linear with fp32 weights (what the model would run
+                       otherwise; torch's bf16 GEMM is ~35x slower than fp32 on this CPU)
+  ratio_vs_1row        time(M) / time(1) of the same kernel and storage (target: <= 1.3 at 8)
+  GB_s, bw_share       weight bytes / time, and that against the measured read bandwidth
+  step: floor_ms       weight bytes / read bandwidth; bw_share = floor_ms / ms (target >= 0.7)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from npr import ops
+from npr.bench import common
+
+SHAPES = {  # name: (K, N)
+    "576->1536": (576, 1536),
+    "1536->576": (1536, 576),
+    "576->49152": (576, 49152),
+    "4096x4096": (4096, 4096),
+}
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Bytes of weight copies to rotate through per case: well past the last-level cache.
+_ROTATE_BYTES = 160 << 20
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", default="1,2,4,8,16", help="row counts M (comma separated)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="subset of: " + ",".join(SHAPES))
+    p.add_argument("--storage", default="fp32,bf16", help="weight storage: fp32,bf16")
+    p.add_argument("--kernels", default="plain,packed",
+                   help="plain ([N, K] weights), packed (pack_linear_weight)")
+    p.add_argument("--iters", type=int, default=15, help="timed calls per case (best is kept)")
+    p.add_argument("--no-step", action="store_true", help="skip the SmolLM2 decode-step case")
+    p.add_argument("--no-fused", action="store_true",
+                   help="skip the step variant with npr.ops.linear_fused")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
+
+
+def _best_ms(fns: list[Callable[[], object]], iters: int) -> float:
+    """Best time (ms) of one call, cycling through fns (one per weight copy)."""
+    state = {"i": 0}
+
+    def call() -> None:
+        state["i"] = (state["i"] + 1) % len(fns)
+        fns[state["i"]]()
+
+    return common.time_fn(call, warmup=max(2, len(fns)), iters=iters)["best_s"] * 1e3
+
+
+def _copies(n: int, k: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    nbytes = n * k * torch.tensor([], dtype=dtype).element_size()
+    count = max(2, math.ceil(_ROTATE_BYTES / max(nbytes, 1)))
+    return [torch.randn(n, k).to(dtype) for _ in range(count)]
+
+
+def _linear_rows(args, bw: float) -> list[dict]:
+    rows_list = [int(r) for r in args.rows.split(",")]
+    kernels = args.kernels.split(",")
+    out: list[dict] = []
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
+        w32 = _copies(n, k, torch.float32)
+        torch_ms: dict[int, float] = {}
+        for sname in args.storage.split(","):
+            dtype = STORAGE[sname]
+            plain = w32 if dtype == torch.float32 else [w.to(dtype) for w in w32]
+            wbytes = n * k * plain[0].element_size()
+            for kname in kernels:
+                ws = plain if kname == "plain" else [ops.pack_linear_weight(w) for w in plain]
+                base = None
+                for m in rows_list:
+                    x = torch.randn(m, k)
+                    ms = _best_ms([lambda w=w: ops.linear(x, w) for w in ws], args.iters)
+                    if not args.no_torch and m not in torch_ms:
+                        torch_ms[m] = _best_ms([lambda w=w: F.linear(x, w) for w in w32],
+                                               args.iters)
+                    base = base or ms
+                    row = {"case": name, "storage": sname, "kernel": kname, "rows": m, "ms": ms}
+                    if m in torch_ms:
+                        row["torch_ms"] = torch_ms[m]
+                        row["speedup_vs_torch"] = torch_ms[m] / ms
+                        row["torch_ratio_vs_1row"] = torch_ms[m] / torch_ms[rows_list[0]]
+                    row["ratio_vs_1row"] = ms / base
+                    row["GB_s"] = wbytes / ms / 1e6
+                    row["bw_share"] = row["GB_s"] / bw
+                    out.append(row)
+                    print(row, flush=True)
+                del ws
+            del plain
+        del w32
+    return out
+
+
+# SmolLM2-135M: hidden 576, MLP 1536, 30 layers, 9 query heads and 3 KV heads of 64, vocab
+# 49152, tied embeddings (the LM head is the embedding matrix).
+SMOL = {"hidden": 576, "mlp": 1536, "layers": 30, "q": 576, "kv": 192, "vocab": 49152}
+
+
+class _Step:
+    """The linears of one decode step with random weights of the real shapes, in model order:
+    per layer rms_norm -> qkv (576->960) -> o (576->576) -> residual -> rms_norm -> gate+up
+    (576->2x1536) -> silu*mul -> down (1536->576) -> residual; then the final norm and the LM
+    head (576->49152) for the sampling rows. Attention itself is left out (o takes q's slice).
+    fused: the same with npr.ops.linear_fused (norms, silu*mul and residuals folded in)."""
+
+    def __init__(self, dtype: torch.dtype, linear: Callable = ops.linear, packed: bool = False,
+                 fused: bool = False):
+        c = SMOL
+        d, f = c["hidden"], c["mlp"]
+        qkv = c["q"] + 2 * c["kv"]
+        self.linear = linear
+        self.fused = fused
+        self.layers = [
+            dict(n1=torch.ones(d), n2=torch.ones(d),
+                 qkv=(torch.randn(qkv, d) * d**-0.5).to(dtype),
+                 o=(torch.randn(d, c["q"]) * d**-0.5).to(dtype),
+                 gu=(torch.randn(2 * f, d) * d**-0.5).to(dtype),
+                 down=(torch.randn(d, f) * f**-0.5).to(dtype))
+            for _ in range(c["layers"])
+        ]
+        self.norm = torch.ones(d)
+        self.head = (torch.randn(c["vocab"], d) * d**-0.5).to(dtype)
+        es = self.head.element_size()
+        self.weight_bytes = es * (self.head.numel() + sum(
+            L[k].numel() for L in self.layers for k in self.LINEARS))
+        if packed:
+            for L in self.layers:
+                for k in self.LINEARS:
+                    L[k] = ops.pack_linear_weight(L[k])
+            self.head = ops.pack_linear_weight(self.head)
+
+    LINEARS = ("qkv", "o", "gu", "down")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [M, 576] -> logits [M, 49152]."""
+        lin, q, f = self.linear, SMOL["q"], SMOL["mlp"]
+        if self.fused:  # 4 ops per layer (npr.ops.linear_fused)
+            lf = ops.linear_fused
+            for L in self.layers:
+                qkv = lf(x, L["qkv"], norm_weight=L["n1"], eps=1e-5)
+                x = lf(qkv[:, :q], L["o"], residual=x)
+                gu = lf(x, L["gu"], norm_weight=L["n2"], eps=1e-5)
+                x = lf(gu, L["down"], silu_mul=True, residual=x)
+            return lf(x, self.head, norm_weight=self.norm, eps=1e-5)
+        for L in self.layers:
+            h = ops.rms_norm(x, L["n1"], 1e-5)
+            qkv = lin(h, L["qkv"])
+            x = x + lin(qkv[:, :q], L["o"])
+            h = ops.rms_norm(x, L["n2"], 1e-5)
+            gu = lin(h, L["gu"])
+            x = x + lin(F.silu(gu[:, :f]) * gu[:, f:], L["down"])
+        return lin(ops.rms_norm(x, self.norm, 1e-5), self.head)
+
+
+def _step_rows(args, bw: float) -> list[dict]:
+    out: list[dict] = []
+    rows_list = [m for m in (1, 2, 4, 8) if not args.quick or m in (1, 8)]
+    iters = 3 if args.quick else 8
+    torch_ms: dict[int, float] = {}
+    if not args.no_torch:
+        tstep = _Step(torch.float32, linear=F.linear)
+        for m in rows_list:
+            x = torch.randn(m, SMOL["hidden"])
+            torch_ms[m] = common.time_fn(lambda: tstep(x), warmup=1, iters=iters)["best_s"] * 1e3
+        del tstep
+    variants = args.kernels.split(",") + ([] if args.no_fused else ["packed+fused"])
+    for sname in args.storage.split(","):
+        for kname in variants:
+            step = _Step(STORAGE[sname], packed=kname.startswith("packed"),
+                         fused=kname.endswith("fused"))
+            floor_ms = step.weight_bytes / bw / 1e6
+            base = None
+            for m in rows_list:
+                x = torch.randn(m, SMOL["hidden"])
+                ms = common.time_fn(lambda: step(x), warmup=1, iters=iters)["best_s"] * 1e3
+                base = base or ms
+                row = {"case": "smollm2-step", "storage": sname, "kernel": kname, "rows": m,
+                       "ms": ms}
+                if m in torch_ms:
+                    row["torch_ms"] = torch_ms[m]
+                    row["speedup_vs_torch"] = torch_ms[m] / ms
+                    row["torch_ratio_vs_1row"] = torch_ms[m] / torch_ms[rows_list[0]]
+                row["ratio_vs_1row"] = ms / base
+                row["GB_s"] = step.weight_bytes / ms / 1e6
+                row["floor_ms"] = floor_ms
+                row["bw_share"] = floor_ms / ms
+                out.append(row)
+                print(row, flush=True)
+            del step
+    return out
+
+
+def run(args) -> list[dict]:
+    if args.quick:
+        args.rows = "1,8"
+        args.shapes = "576->1536,4096x4096"
+        args.iters = min(args.iters, 5)
+    bw = common.read_bandwidth_gbs()
+    print(f"read bandwidth {bw:.1f} GB/s, {torch.get_num_threads()} threads", flush=True)
+    rows = _linear_rows(args, bw)
+    if not args.no_step:
+        rows += _step_rows(args, bw)
+    for r in rows:
+        r["read_bw_GB_s"] = bw
+    return rows

@@ -1,0 +1,79 @@
+"""Reference linear: y = x @ W^T (+ b) in fp32 with the weights widened from their storage dtype."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PACK_N = 3  # outputs per packed block (csrc/linear_kernel.h kPackN)
+PACK_K = 8  # weights per packed chunk (kPackK)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K], weight: [N, K] (any float dtype), bias: [N] or None -> [..., N] in x.dtype.
+
+    Computed in fp32 (bf16 / fp16 weights widened exactly), like npr::linear_small.
+    """
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), b).to(x.dtype)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight: [N, K] -> [ceil(N/3), ceil(K/8), 3, 8], zero-padded: block b, chunk c holds the
+    weights k in [8c, 8c+8) of outputs 3b, 3b+1, 3b+2 (the layout npr::linear_packed reads)."""
+    n, k = weight.shape
+    n_pad, k_pad = -(-n // PACK_N) * PACK_N, -(-k // PACK_K) * PACK_K
+    w = torch.zeros(n_pad, k_pad, dtype=weight.dtype, device=weight.device)
+    w[:n, :k] = weight
+    return w.view(n_pad // PACK_N, PACK_N, k_pad // PACK_K, PACK_K).permute(0, 2, 1, 3).contiguous()
+
+
+def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """packed: [ceil(N/3), ceil(K/8), 3, 8] -> weight [N, K] (inverse of pack_weight)."""
+    nb, kc = packed.shape[0], packed.shape[1]
+    w = packed.permute(0, 2, 1, 3).reshape(nb * PACK_N, kc * PACK_K)
+    return w[:n, :k].contiguous()
+
+
+def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K], packed: pack_weight([N, K]), bias: [N] or None -> [..., N] in x.dtype."""
+    return linear(x, unpack_weight(packed, n, x.shape[-1]), bias)
+
+
+def linear_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                 silu_mul: bool = False, residual: torch.Tensor | None = None,
+                 rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None,
+                 rope_heads: int = 0) -> torch.Tensor:
+    """Reference of npr::linear_fused, in fp32 (returned in x.dtype).
+
+    x: [..., K] ([..., 2K] = gate | up with silu_mul), weight: [N, K], bias: [N] | None,
+    norm_weight: [K] | None (rms_norm of x first), rope_cos / rope_sin: [..., D] | None (rotary
+    embedding of output heads [0, rope_heads), HF rotate_half layout), residual: [..., N] | None
+    -> [..., N]
+    """
+    if silu_mul and norm_weight is not None:
+        raise ValueError("linear_fused: norm_weight and silu_mul are exclusive")
+    h = x.float()
+    if norm_weight is not None:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    if silu_mul:
+        g, u = h.chunk(2, dim=-1)
+        h = F.silu(g) * u
+    y = linear(h, weight, bias)
+    if rope_cos is not None and rope_heads > 0:
+        y = apply_rope(y, rope_cos, rope_sin, rope_heads)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(x.dtype)
+
+
+def apply_rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """y: [..., N], cos / sin: [..., D] -> y with heads [0, heads) of size D (columns
+    [0, heads * D)) rotated: y_h * cos + rotate_half(y_h) * sin (HF layout), in fp32."""
+    d = cos.shape[-1]
+    y = y.float()
+    r = y[..., : heads * d].unflatten(-1, (heads, d))
+    c, s = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)
+    rot = torch.cat((-r[..., d // 2:], r[..., : d // 2]), dim=-1)
+    return torch.cat(((r * c + rot * s).flatten(-2), y[..., heads * d:]), dim=-1)
