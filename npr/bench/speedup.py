@@ -77,11 +77,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     for n in [int(x) for x in args.branches.split(",")]:
         f = _workload(tok, tag_ids, labels, len(prompt), n, args)
         res = {}
+        steps = {}
         for mode in ("native", "sequential"):
             sp = npr.SamplingParams(temperature=0, max_new_tokens=16 * 1024, parallel=mode, logits_processors=[f])
+            before = dict(eng.stats)
             t0 = time.perf_counter()
             out = eng.generate(input_ids=[prompt], sampling_params=sp)[0].outputs[0]
             res[mode] = (time.perf_counter() - t0, out)
+            steps[mode] = (eng.stats["steps"] - before["steps"], eng.stats["forward_s"] - before["forward_s"])
         nat_t, nat = res["native"]
         seq_t, seq = res["sequential"]
         if nat.token_ids != seq.token_ids or not nat.structure_valid:
@@ -95,6 +98,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "native_tok_s": total / nat_t, "sequential_tok_s": total / seq_t,
             "ideal_speedup": ideal, "speedup_vs_sequential": seq_t / nat_t,
             "share_of_ideal": (seq_t / nat_t) / ideal,
+            "native_steps": steps["native"][0],
+            "native_ms_per_step": 1e3 * nat_t / steps["native"][0],
+            "native_forward_ms_per_step": 1e3 * steps["native"][1] / steps["native"][0],
         }
         if hf is not None:
             hf_t = _hf_generate(hf, prompt, total, args.device)
