@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "dtype_convert.cuh"
 #include "tree_attention_check.h"
 
 namespace npr {
@@ -24,20 +25,6 @@ namespace {
 constexpr int KT = 32;      // keys per tile (one per lane in the score phase)
 constexpr int WARPS = 8;
 constexpr unsigned FULL = 0xffffffffu;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL, x, o));
@@ -106,7 +93,7 @@ __global__ void __launch_bounds__(WARPS * 32)
     if (m < M) {
       const int64_t t = p.part_q[p0 + m / G];
       const int h = kvh * G + m % G;
-      x = to_f(p.q[(t * p.Hq + h) * D + d]) * p.scale;
+      x = to_float(p.q[(t * p.Hq + h) * D + d]) * p.scale;
     }
     Qs[i] = x;
   }
@@ -163,8 +150,8 @@ __global__ void __launch_bounds__(WARPS * 32)
       float kx = 0.f, vx = 0.f;
       if (j < nt) {
         const int64_t b = s_blk[j], o = s_off[j];
-        kx = to_f(p.k[b * p.k_sb + kvh * p.k_sh + o * p.k_ss + d]);
-        vx = to_f(p.v[b * p.v_sb + kvh * p.v_sh + o * p.v_ss + d]);
+        kx = to_float(p.k[b * p.k_sb + kvh * p.k_sh + o * p.k_ss + d]);
+        vx = to_float(p.v[b * p.v_sb + kvh * p.v_sh + o * p.v_ss + d]);
       }
       Ks[j * DP + d] = kx;
       Vs[j * D + d] = vx;
@@ -254,7 +241,7 @@ __global__ void tree_attention_merge_kernel(const float* __restrict__ o_part,
       wsum += wgt;
       acc = fmaf(wgt, o_part[(pp * Hq + h) * D + d], acc);
     }
-    out[(t * Hq + h) * D + d] = from_f<T>(acc / wsum);
+    out[(t * Hq + h) * D + d] = from_float<T>(acc / wsum);
   }
 }
 
