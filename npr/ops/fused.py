@@ -56,8 +56,11 @@ def linear_fused(x: torch.Tensor, weight: torch.Tensor | _lin.PackedWeight,
     else:
         use = (weight.dim() == 2 and _lin._kernel_ok(x, weight, bias)
                and (weight.dtype != torch.float32 or 0 < _lin._rows(x) <= _lin.SMALL_ROWS_MAX))
-    if use and all(t is None or (t.is_cpu and t.dtype == torch.float32)
-                   for t in (norm_weight, residual, rope_cos, rope_sin)):
+    if use:
+        for t in (norm_weight, residual, rope_cos, rope_sin):
+            if t is not None and not (t.is_cpu and t.dtype == torch.float32):
+                use = False
+    if use:
         wd, n = (weight.data, weight.out_features) if packed else (weight, weight.shape[0])
         return torch.ops.npr.linear_fused(x, wd, n, _lin._f32(bias), norm_weight, eps,
                                           silu_mul, residual, rope_cos, rope_sin, rope_heads)
