@@ -8,7 +8,8 @@ widened to fp32 inside the kernel (half the bytes, fp32 compute).
     linear(x, weight, bias)        weight: [N, K] tensor -> torch.ops.npr.linear_small
     linear(x, packed, bias)        packed = pack_linear_weight(weight, dtype=...) ->
                                    torch.ops.npr.linear_packed (3 outputs per register block:
-                                   ~1.5x faster than the plain kernel at 4-16 rows)
+                                   up to 2x faster than the plain kernel at 4-16 rows; the
+                                   one to use: pack the weights once at load time)
 
 Everything else (many rows with fp32 [N, K] weights, non-fp32 x, other devices) goes to
 torch's F.linear, with 16-bit or packed weights widened / unpacked first.
@@ -22,10 +23,11 @@ import torch.nn.functional as F
 
 from npr import _ext, env, ref
 
-# Rows up to which the plain kernel beats torch's GEMM for fp32 [N, K] weights (measured with
-# `npr bench linear`). 16-bit and packed weights always take the kernel on CPU, since torch
-# would first have to widen / unpack the whole weight (and its bf16 GEMM is far slower).
-SMALL_ROWS_MAX = 32
+# Rows up to which the plain kernel is used for fp32 [N, K] weights: `npr bench linear` at 16
+# rows has it even with torch's GEMM (0.83-1.4x over the 4 shapes), faster below. 16-bit and
+# packed weights always take a kernel on CPU: torch would first have to widen / unpack the
+# whole weight (and its bf16 GEMM is far slower), and the packed kernel is 1.6-3x torch at 16.
+SMALL_ROWS_MAX = 16
 
 _KERNEL_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HAVE_EXT = _ext.available()
