@@ -362,3 +362,34 @@ def test_gguf_logits_match_transformers(saved, case, tmp_path):
         ours = model(ids, pos[None], mask[None])
         ref = hf(ids, attention_mask=mask[None, None], position_ids=pos[None]).logits
     assert rel_err(ours, ref) <= 1e-4
+
+
+def test_packed_decode_weights_match_and_follow_in_place_updates():
+    """pack_weights: decode-sized forwards read packed copies; results equal the plain path and
+    follow in-place weight changes (optimizer steps, weight pushes)."""
+    from npr.models.attention import DenseAttention
+    from tiny import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model(97, seed=3)
+    ids = torch.randint(0, 97, (5,))
+    pos = torch.arange(5)
+    attn = DenseAttention(torch.tril(torch.ones(5, 5, dtype=torch.bool)))
+    plain = model.forward_flat(ids, pos, attn)
+    model.pack_weights()
+    packed = model.forward_flat(ids, pos, attn)
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model.layers[0].qkv_weight.mul_(1.5)
+        model.embed_tokens.add_(0.01)
+    model.pack_weights(None)
+    want = model.forward_flat(ids, pos, attn)
+    model.pack_weights(torch.float32)
+    model.forward_flat(ids, pos, attn)  # packs
+    with torch.no_grad():
+        model.layers[0].qkv_weight.mul_(1 / 1.5)
+        model.embed_tokens.sub_(0.01)
+    torch.testing.assert_close(model.forward_flat(ids, pos, attn), plain, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, plain)
+    model.pack_weights(torch.bfloat16)
+    assert (model.forward_flat(ids, pos, attn) - plain).abs().max() < 0.05 * plain.abs().max()

@@ -45,7 +45,12 @@ class Engine:
         device: str | torch.device | None = None,
         seed: int = 0,
         max_tokens_per_step: int = 2048,
+        decode_weights: str = "auto",
     ) -> None:
+        """decode_weights (CPU): "auto" lets decode steps read the linear weights from packed
+        copies in the streaming kernel's layout (same precision as the model; the model object
+        gets these copies), "bf16" / "fp16" store those copies at half the bytes (faster, lower
+        precision), "plain" reads the weights as they are."""
         C = _ext.require("npr.Engine")
         if isinstance(model, str):
             from npr.models.loader import load_model, load_tokenizer
@@ -57,6 +62,8 @@ class Engine:
             raise ValueError(f"Engine: block_size must be in 1..1024, got {block_size}")
         if max_branches < 1:
             raise ValueError(f"Engine: max_branches must be >= 1, got {max_branches}")
+        if decode_weights not in ("auto", "bf16", "fp16", "plain"):
+            raise ValueError(f"Engine: decode_weights must be auto|bf16|fp16|plain, got {decode_weights!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -86,6 +93,9 @@ class Engine:
             max_model_len=self.max_context,
         )
         self.runner = ModelRunner(model, self.num_blocks, block_size, self.dtype, self.device)
+        if self.device.type == "cpu" and decode_weights != "plain" and hasattr(model, "pack_weights"):
+            fmt = {"auto": model.dtype, "bf16": torch.bfloat16, "fp16": torch.float16}[decode_weights]
+            model.pack_weights(fmt)
         self.sampler = Sampler(seed)
         self._requests: dict[int, _Request] = {}
         self._pending_finished: list[int] = []   # finished ids not yet returned by step()

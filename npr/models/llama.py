@@ -39,6 +39,23 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Names some older checkpoints carry that are not weights (recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Up to this many rows a linear reads the packed decode copy (npr::linear_packed); more rows
+# (prefill) take the plain weight and torch's GEMM.
+PACKED_ROWS_MAX = 32
+LAYER_LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
+
+def packed_copy(cache: dict[str, tuple[ops.PackedWeight, tuple]], name: str, w: torch.Tensor,
+                dtype: torch.dtype) -> ops.PackedWeight:
+    """The packed copy of w, re-packed when w was replaced or changed in place since (an
+    optimizer step, a weight push, a resize): tensors count their in-place writes in _version."""
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    hit = cache.get(name)
+    if hit is None or hit[1] != key:
+        with torch.no_grad():
+            hit = (ops.pack_linear_weight(w.detach(), dtype=dtype), key)
+        cache[name] = hit
+    return hit[0]
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
@@ -64,6 +81,17 @@ class LlamaLayer(nn.Module):
         self.gate_up_bias = p(2 * I) if cfg.mlp_bias else None
         self.down_weight = p(H, I)
         self.down_bias = p(H) if cfg.mlp_bias else None
+        # Decode copies of the weights in the streaming kernel's layout (LlamaDecoder.pack_weights),
+        # name -> (packed, the weight's _version when packed).
+        self.packed: dict[str, tuple[ops.PackedWeight, tuple]] = {}
+        self.packed_dtype: torch.dtype | None = None
+
+    def _lin(self, x: torch.Tensor, name: str, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: [..., K] -> [..., N]; few rows (decode) read the packed copy when there is one."""
+        w = getattr(self, name)
+        if self.packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]:
+            return ops.linear(x, packed_copy(self.packed, name, w, self.packed_dtype), bias)
+        return ops.linear(x, w, bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -71,7 +99,7 @@ class LlamaLayer(nn.Module):
         [T, H]): -> [len(keep), H], rows after attention limited to `keep` (the last layer only
         needs the rows that produce logits)."""
         h = ops.rms_norm(x, self.input_norm, self.eps)
-        qkv = ops.linear(h, self.qkv_weight, self.qkv_bias)
+        qkv = self._lin(h, "qkv_weight", self.qkv_bias)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = q.unflatten(-1, (self.hq, self.d))
         k = k.unflatten(-1, (self.hkv, self.d))
@@ -83,10 +111,10 @@ class LlamaLayer(nn.Module):
         o = attend(q, k, v)  # [..., N, Hq, D]
         if keep is not None:
             o, x = o[keep], x[keep]
-        x = x + ops.linear(o.flatten(-2), self.o_weight, self.o_bias)
+        x = x + self._lin(o.flatten(-2), "o_weight", self.o_bias)
         h = ops.rms_norm(x, self.post_norm, self.eps)
-        gate, up = ops.linear(h, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        return x + ops.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+        gate, up = self._lin(h, "gate_up_weight", self.gate_up_bias).chunk(2, dim=-1)
+        return x + self._lin(F.silu(gate) * up, "down_weight", self.down_bias)
 
 
 class LlamaDecoder(nn.Module):
@@ -186,7 +214,24 @@ class LlamaDecoder(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
-        return ops.linear(x, self.head_weight()).float()
+        w = self.head_weight()
+        if self.packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]:
+            return ops.linear(x, packed_copy(self._packed_head, "head", w, self.packed_dtype)).float()
+        return ops.linear(x, w).float()
+
+    packed_dtype: torch.dtype | None = None
+
+    def pack_weights(self, dtype: torch.dtype | None = None) -> None:
+        """Decode steps (<= PACKED_ROWS_MAX rows) read every linear weight, the LM head too, from
+        a copy in the CPU streaming kernel's packed layout stored as `dtype` (default: the
+        weights' own; torch.bfloat16 / float16 halve the bytes a step reads, at that precision).
+        Copies are made lazily and re-made when a weight changes in place. None turns it off."""
+        if dtype is not None and self.device.type != "cpu":
+            raise ValueError("pack_weights: the packed kernels run on CPU only")
+        self.packed_dtype = dtype
+        self._packed_head: dict[str, tuple[ops.PackedWeight, tuple]] = {}
+        for layer in self.layers:
+            layer.packed, layer.packed_dtype = {}, dtype
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dtype not in (torch.int64, torch.int32):
