@@ -11,24 +11,6 @@
 
 namespace npr {
 
-static void rms_norm_row(const float* x, const float* w, float* y, int64_t d, float eps) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) {
-    __m256 v = _mm256_loadu_ps(x + i);
-    acc = _mm256_fmadd_ps(v, v, acc);
-  }
-  float ss = hsum256(acc);
-  for (; i < d; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(d) + eps);
-  const __m256 vinv = _mm256_set1_ps(inv);
-  i = 0;
-  for (; i + 8 <= d; i += 8) {
-    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + i), vinv);
-    _mm256_storeu_ps(y + i, _mm256_mul_ps(v, _mm256_loadu_ps(w + i)));
-  }
-  for (; i < d; ++i) y[i] = x[i] * inv * w[i];
-}
 
 // x: [..., D] fp32, weight: [D] fp32 -> [..., D]
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
