@@ -347,3 +347,23 @@ def test_cuda_engine_matches_naive_decoder(model, tok, tag_ids, labels):
         want_ids, want_pos = naive_decode(model, ids, f, tag_ids, labels, tok.eos_token_id, 400)
         assert c.token_ids == want_ids and c.position_ids == want_pos
     assert eng.pool_stats()["used_blocks"] == 0
+
+
+def test_row_and_token_budgets_do_not_change_outputs(model, tok, tag_ids, labels):
+    """Tiny per-step budgets (chunked prefill, branches split over steps) and one-token prompts
+    give the same greedy outputs as the defaults."""
+    reqs = []
+    for i, (text, branches) in enumerate(CASES + [("z", [3])]):
+        ids = tok.encode(text, add_special_tokens=False) if text != "z" else [7]
+        f = make_forcer(tok, tag_ids, labels, len(ids), branches, seed=40 + i)
+        reqs.append((ids, npr.SamplingParams(temperature=0, max_new_tokens=300, n=1 + i % 2,
+                                             logits_processors=[f])))
+    ref = engine_for(model, tok).generate(input_ids=[r[0] for r in reqs],
+                                          sampling_params=[r[1] for r in reqs])
+    tight = engine_for(model, tok, max_rows=2, max_tokens_per_step=5)
+    got = tight.generate(input_ids=[r[0] for r in reqs], sampling_params=[r[1] for r in reqs])
+    for a, b in zip(ref, got):
+        assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+        assert [o.position_ids for o in a.outputs] == [o.position_ids for o in b.outputs]
+        assert all(o.finish_reason == "stop" and o.structure_valid for o in b.outputs)
+    assert tight.pool_stats()["used_blocks"] == 0
