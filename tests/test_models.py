@@ -364,14 +364,16 @@ def test_gguf_logits_match_transformers(saved, case, tmp_path):
     assert rel_err(ours, ref) <= 1e-4
 
 
-def test_packed_decode_weights_match_and_follow_in_place_updates():
-    """pack_weights: decode-sized forwards read packed copies; results equal the plain path and
-    follow in-place weight changes (optimizer steps, weight pushes)."""
+@pytest.mark.parametrize("qwen3", [False, True])
+def test_packed_decode_weights_match_and_follow_in_place_updates(qwen3):
+    """pack_weights: decode-sized forwards read packed copies through the fused streaming
+    linears; results equal the plain path and follow in-place weight changes (optimizer steps,
+    weight pushes)."""
     from npr.models.attention import DenseAttention
     from tiny import tiny_model
 
     torch.manual_seed(0)
-    model = tiny_model(97, seed=3)
+    model = tiny_model(97, seed=3, qk_norm=qwen3, model_type="qwen3" if qwen3 else "llama")
     ids = torch.randint(0, 97, (5,))
     pos = torch.arange(5)
     attn = DenseAttention(torch.tril(torch.ones(5, 5, dtype=torch.bool)))

@@ -98,6 +98,8 @@ class LlamaLayer(nn.Module):
         """x: [..., N, H], cos/sin: [..., N, D] -> [..., N, H]; with keep (flat path only, x
         [T, H]): -> [len(keep), H], rows after attention limited to `keep` (the last layer only
         needs the rows that produce logits)."""
+        if self.packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]:
+            return self._forward_decode(x, cos, sin, attend, keep)
         h = ops.rms_norm(x, self.input_norm, self.eps)
         qkv = self._lin(h, "qkv_weight", self.qkv_bias)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
@@ -115,6 +117,35 @@ class LlamaLayer(nn.Module):
         h = ops.rms_norm(x, self.post_norm, self.eps)
         gate, up = self._lin(h, "gate_up_weight", self.gate_up_bias).chunk(2, dim=-1)
         return x + self._lin(F.silu(gate) * up, "down_weight", self.down_bias)
+
+
+    def _forward_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        attend: Attend, keep: torch.Tensor | None) -> torch.Tensor:
+        """forward() for few rows (decode): packed weights, with the norms, SiLU-mul, RoPE and
+        residual adds folded into the streaming linears (npr.ops.linear_fused)."""
+        def w(name: str) -> ops.PackedWeight:
+            return packed_copy(self.packed, name, getattr(self, name), self.packed_dtype)
+
+        nq, nkv = self.hq * self.d, self.hkv * self.d
+        rope_here = self.q_norm is None  # q/k-norm (Qwen3) comes between projection and RoPE
+        qkv = ops.linear_fused(x, w("qkv_weight"), self.qkv_bias, norm_weight=self.input_norm,
+                               eps=self.eps, rope_cos=cos if rope_here else None,
+                               rope_sin=sin if rope_here else None,
+                               rope_heads=self.hq + self.hkv if rope_here else 0)
+        q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+        q = q.unflatten(-1, (self.hq, self.d))
+        k = k.unflatten(-1, (self.hkv, self.d))
+        v = v.unflatten(-1, (self.hkv, self.d)).contiguous()
+        if not rope_here:
+            q = apply_rope(ops.rms_norm(q, self.q_norm, self.eps), cos, sin)
+            k = apply_rope(ops.rms_norm(k, self.k_norm, self.eps), cos, sin)
+        o = attend(q, k, v)
+        if keep is not None:
+            o, x = o[keep], x[keep]
+        x = ops.linear_fused(o.flatten(-2), w("o_weight"), self.o_bias, residual=x)
+        gu = ops.linear_fused(x, w("gate_up_weight"), self.gate_up_bias, norm_weight=self.post_norm,
+                              eps=self.eps)
+        return ops.linear_fused(gu, w("down_weight"), self.down_bias, silu_mul=True, residual=x)
 
 
 class LlamaDecoder(nn.Module):
@@ -213,10 +244,12 @@ class LlamaDecoder(nn.Module):
         return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
         w = self.head_weight()
         if self.packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]:
-            return ops.linear(x, packed_copy(self._packed_head, "head", w, self.packed_dtype)).float()
+            head = packed_copy(self._packed_head, "head", w, self.packed_dtype)
+            return ops.linear_fused(x, head, norm_weight=self.norm,
+                                    eps=self.config.rms_norm_eps).float()
+        x = ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
         return ops.linear(x, w).float()
 
     packed_dtype: torch.dtype | None = None
