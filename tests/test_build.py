@@ -35,3 +35,38 @@ def test_wrapper_falls_back_for_other_dtypes():
     x = torch.randn(3, 16, dtype=torch.bfloat16)
     w = torch.ones(16, dtype=torch.bfloat16)
     assert npr.ops.rms_norm(x, w, 1e-6).dtype == torch.bfloat16
+
+
+def test_import_without_the_extension_warns_once_and_falls_back():
+    """With npr._C unavailable, `import npr` works, warns once naming the build command, the
+    reference ops still run, and features that need the build raise a clear error."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, warnings, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "npr._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            import npr, torch
+            import npr.ops
+        msgs = [str(x.message) for x in w if "npr._C" in str(x.message)]
+        assert len(msgs) == 1, msgs
+        assert "pip install -e . --no-build-isolation" in msgs[0]
+        x, g = torch.randn(2, 8), torch.ones(8)
+        torch.testing.assert_close(npr.ops.rms_norm(x, g, 1e-6), npr.ref.rms_norm(x, g, 1e-6))
+        try:
+            npr._ext.require("npr.Engine")
+        except RuntimeError as e:
+            assert "npr.Engine needs the compiled extension" in str(e)
+        else:
+            raise AssertionError("require() did not raise")
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
