@@ -66,7 +66,11 @@ class Engine:
             raise ValueError(f"Engine: decode_weights must be auto|bf16|fp16|plain, got {decode_weights!r}")
         self.model = model
         self.tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        model_device = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else model_device
+        if self.device.type != model_device.type:
+            raise ValueError(f"Engine: the model is on {model_device} but device={self.device}; "
+                             f"move the model first (model.to(device))")
         self.dtype = dtype or next(model.parameters()).dtype
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"Engine: dtype must be float32, bfloat16 or float16, got {self.dtype}")
