@@ -1,5 +1,6 @@
 // npr::tree_attention — branch-tree (cascade / shared-prefix) attention over a paged KV cache.
-// Schema + CPU kernel (AVX2/FMA, fp32 compute; fp32/bf16/fp16 storage).
+// Schema + CPU kernel (AVX2/FMA, fp32 compute; fp32/bf16/fp16 storage). Tasks with >= 16 query
+// rows go to the AVX-512 kernel (tree_attention_avx512.cpp) when the CPU has AVX-512.
 //
 // The planner (npr/ops/attention.py) turns the tree into work items: (a chunk of one segment's
 // cache entries, the queries of the rows that read it). A task is (item, kv head): its queries'
@@ -24,12 +25,13 @@
 
 #include "simd.h"
 #include "tree_attention_check.h"
+#include "tree_attention_cpu.h"
 
 namespace npr {
 namespace {
 
 constexpr int KT = 32;  // keys per tile: K and V tiles of 32 x D fp32 stay in L1/L2
-constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+constexpr float NEG_INF = TA_NEG_INF;
 
 
 // [hsum(a0), ..., hsum(a7)]
@@ -111,42 +113,8 @@ inline void pv_block(float* const* acc, const float* const* p, const float* cons
     }
 }
 
-// dst[0..D) = fp32(src[0..D)) * mul
 template <typename T>
-inline void to_f32(const T* src, float* dst, int64_t D, float mul) {
-  const __m256 vm = _mm256_set1_ps(mul);
-  int64_t d = 0;
-  for (; d + 8 <= D; d += 8) {
-    __m256 x;
-    if constexpr (std::is_same_v<T, float>) {
-      x = _mm256_loadu_ps(src + d);
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      x = load_bf16x8(reinterpret_cast<const uint16_t*>(src + d));
-    } else {
-      x = load_fp16x8(reinterpret_cast<const uint16_t*>(src + d));
-    }
-    _mm256_storeu_ps(dst + d, _mm256_mul_ps(x, vm));
-  }
-  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * mul;
-}
-
-template <typename T>
-struct Ctx {
-  const T* q;  // [T, Hq, D] contiguous
-  const T* k;
-  const T* v;
-  int64_t k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // cache strides (elements): block, head, slot
-  const int32_t* seg_blocks;
-  const int32_t* seg_fills;
-  const int32_t* item_ents;
-  const int32_t* item_part_indptr;
-  const int32_t* part_q;
-  const int32_t* part_nvis;
-  float* o_part;    // [P, Hq, D]
-  float* lse_part;  // [P, Hq]
-  int64_t Hq, G, D;
-  float scale;
-};
+using Ctx = TreeAttentionCtx<T>;
 
 struct Scratch {
   std::vector<float> Q, acc, S, mrow, lrow, kbuf, vbuf, zero;
@@ -196,49 +164,10 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
   std::fill(s.mrow.begin(), s.mrow.begin() + M, NEG_INF);
   std::fill(s.lrow.begin(), s.lrow.begin() + M, 0.f);
   const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  // Key tiles are gathered one ahead: while tile i is computed, tile i+1's rows are prefetched
-  // (rows of one cache block are contiguous, but consecutive blocks of a head are far apart).
-  int64_t e = c.item_ents[2 * w];
-  int off = 0, gathered = 0;
-  auto gather = [&](const T** kr, const T** vr) -> int {  // walks the entries (ragged fills)
-    int nt = 0;
-    while (nt < KT && gathered + nt < max_nv) {
-      const int64_t blk = c.seg_blocks[e];
-      const int fill = c.seg_fills[e];
-      const int take = std::min({fill - off, KT - nt, max_nv - gathered - nt});
-      const T* kb = c.k + blk * c.k_sb + kvh * c.k_sh + off * c.k_ss;
-      const T* vb = c.v + blk * c.v_sb + kvh * c.v_sh + off * c.v_ss;
-      for (int j = 0; j < take; ++j) {
-        kr[nt + j] = kb + j * c.k_ss;
-        vr[nt + j] = vb + j * c.v_ss;
-      }
-      nt += take;
-      off += take;
-      if (off == fill) {
-        ++e;
-        off = 0;
-      }
-    }
-    gathered += nt;
-    return nt;
-  };
-  const T* bufs[4][KT];
-  const T** kraw = bufs[0];
-  const T** vraw = bufs[1];
-  const T** knext = bufs[2];
-  const T** vnext = bufs[3];
-  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(T));
-  int nt_next = gather(knext, vnext);
-  for (int tok = 0; tok < max_nv;) {
-    std::swap(kraw, knext);
-    std::swap(vraw, vnext);
-    const int nt = nt_next;
-    nt_next = gather(knext, vnext);
-    for (int j = 0; j < nt_next; ++j)  // into L2: measured best of T0 / T1 / NTA here
-      for (int64_t b = 0; b < row_bytes; b += 64) {
-        _mm_prefetch(reinterpret_cast<const char*>(knext[j]) + b, _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(vnext[j]) + b, _MM_HINT_T1);
-      }
+  KeyTiles<T, KT> tiles(c, w, kvh, max_nv);
+  for (int tok = 0, nt; (nt = tiles.advance()) > 0; tok += nt) {
+    const T* const* kraw = tiles.k();
+    const T* const* vraw = tiles.v();
     for (int j = 0; j < nt; ++j) {
       if constexpr (std::is_same_v<T, float>) {
         s.kp[j] = kraw[j];
@@ -321,7 +250,6 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
         default: pv_block<1>(arow, prow, s.vp, nj, D); break;
       }
     }
-    tok += nt;
   }
 
   for (int64_t m = 0; m < M; ++m) {
@@ -464,10 +392,19 @@ void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
   const int64_t ntask = d.W * d.Hkv;
   std::atomic<int64_t> next{0};
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
+  // tasks with >= 16 query rows (a shared chunk read by several rows, or a long extend) go to the
+  // AVX-512 kernel when the CPU has it: it fills its 16-lane vectors with queries
+  const bool avx512 = d.D % 8 == 0 && tree_attention_avx512_usable();
+  const int32_t* ipi = c.item_part_indptr;
   at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
     Scratch s;
-    for (int64_t i = next.fetch_add(1); i < ntask; i = next.fetch_add(1))
-      run_task<T>(c, i / d.Hkv, i % d.Hkv, s);
+    for (int64_t i = next.fetch_add(1); i < ntask; i = next.fetch_add(1)) {
+      const int64_t w = i / d.Hkv, kvh = i % d.Hkv;
+      if (avx512 && (ipi[w + 1] - ipi[w]) * d.G >= 16)
+        tree_attention_task_avx512<T>(c, w, kvh);
+      else
+        run_task<T>(c, w, kvh, s);
+    }
   });
   merge<T>(c.o_part, c.lse_part, q_part_indptr.const_data_ptr<int32_t>(),
            q_parts.const_data_ptr<int32_t>(), reinterpret_cast<T*>(out.mutable_data_ptr()), d.T,

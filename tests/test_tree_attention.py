@@ -16,6 +16,20 @@ from npr import _ext
 from npr.ops import attention as A
 from npr.ref import attention as R
 
+# The CPU op runs tasks with >= 16 query rows on an AVX-512 kernel when the CPU has it; every CPU
+# test runs once as the machine chooses and once with NPR_CPU_ISA=avx2 (the AVX2 kernel for all).
+ISAS = ["auto", "avx2"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    if request.param == "auto":
+        monkeypatch.delenv("NPR_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("NPR_CPU_ISA", request.param)
+    return request.param
+
+
 TREE_KEYS = ("q_indptr", "seg_indptr", "seg_blocks", "seg_fills", "row_seg_indptr", "row_segs")
 
 
@@ -98,7 +112,7 @@ CASES = [
 
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_cpu_fp32_matches_reference(case):
+def test_cpu_fp32_matches_reference(case, isa):
     bs, depth, fan, seg_tok, qlen, hkv, grp, d, loose, root, chunk, miq = CASES[case]
     g = torch.Generator().manual_seed(100 + case)
     tree, nb = random_tree(g, bs=bs, depth=depth, max_fan=fan, seg_tok=seg_tok, qlen=qlen,
@@ -111,8 +125,15 @@ def test_cpu_fp32_matches_reference(case):
 
 
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
+def test_cpu_isa_switch(isa):
+    from npr import _C
+    want = "avx2" if isa == "avx2" else _C.cpu_attention_isa()
+    assert _C.cpu_attention_isa() == want
+
+
+@pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
 @pytest.mark.parametrize("seed", range(3))
-def test_cpu_prefill_and_loose_rows(seed):
+def test_cpu_prefill_and_loose_rows(seed, isa):
     """Rows that share nothing, all of whose tokens are queries (causal prefill), next to a tree."""
     g = torch.Generator().manual_seed(7 + seed)
     tree, nb = random_tree(g, bs=16, depth=2, max_fan=3, seg_tok=(20, 150), qlen=2, n_loose=2,
@@ -144,7 +165,7 @@ def _sdpa_bf16_error(q, k, v, tree, ref):
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", [0, 3, 4])
-def test_cpu_low_precision_within_twice_torch_error(dtype, case):
+def test_cpu_low_precision_within_twice_torch_error(dtype, case, isa):
     bs, depth, fan, seg_tok, qlen, hkv, grp, d, loose, root, chunk, miq = CASES[case]
     g = torch.Generator().manual_seed(200 + case)
     tree, nb = random_tree(g, bs=bs, depth=depth, max_fan=fan, seg_tok=seg_tok, qlen=qlen,

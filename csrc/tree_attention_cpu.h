@@ -1,0 +1,127 @@
+// Pieces shared by the two CPU kernels of npr::tree_attention (tree_attention.cpp: AVX2, any
+// shape; tree_attention_avx512.cpp: AVX-512, many queries per task): the kernel arguments, the
+// walk over an item's keys in tiles, and the fp32 widening of a row.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <utility>
+
+#include "simd.h"
+
+namespace npr {
+
+constexpr float TA_NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Everything one task (work item, kv head) reads and writes; see the plan in npr/ops/attention.py.
+template <typename T>
+struct TreeAttentionCtx {
+  const T* q;  // [T, Hq, D] contiguous
+  const T* k;
+  const T* v;
+  int64_t k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // cache strides (elements): block, head, slot
+  const int32_t* seg_blocks;
+  const int32_t* seg_fills;
+  const int32_t* item_ents;
+  const int32_t* item_part_indptr;
+  const int32_t* part_q;
+  const int32_t* part_nvis;
+  float* o_part;    // [P, Hq, D]
+  float* lse_part;  // [P, Hq]
+  int64_t Hq, G, D;
+  float scale;
+};
+
+// dst[0..D) = fp32(src[0..D)) * mul
+template <typename T>
+inline void to_f32(const T* src, float* dst, int64_t D, float mul) {
+  const __m256 vm = _mm256_set1_ps(mul);
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    __m256 x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = _mm256_loadu_ps(src + d);
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      x = load_bf16x8(reinterpret_cast<const uint16_t*>(src + d));
+    } else {
+      x = load_fp16x8(reinterpret_cast<const uint16_t*>(src + d));
+    }
+    _mm256_storeu_ps(dst + d, _mm256_mul_ps(x, vm));
+  }
+  for (; d < D; ++d) dst[d] = static_cast<float>(src[d]) * mul;
+}
+
+// The first `total` keys of item w for kv head kvh, in tiles of up to KT rows. Rows of one cache
+// block are contiguous but consecutive blocks of a head are far apart, so tiles are gathered one
+// ahead: while tile i is computed, tile i+1's rows are prefetched into L2 (measured best of
+// T0 / T1 / NTA here).
+template <typename T, int KT>
+class KeyTiles {
+ public:
+  KeyTiles(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh, int total)
+      : c_(c), kvh_(kvh), e_(c.item_ents[2 * w]), total_(total) {
+    next_n_ = gather(kn_, vn_);
+  }
+  // Moves to the next tile; returns its size (0 at the end). k()[j], v()[j]: its rows.
+  int advance() {
+    std::swap(k_, kn_);
+    std::swap(v_, vn_);
+    n_ = next_n_;
+    next_n_ = gather(kn_, vn_);
+    const int64_t row_bytes = c_.D * static_cast<int64_t>(sizeof(T));
+    for (int j = 0; j < next_n_; ++j)
+      for (int64_t b = 0; b < row_bytes; b += 64) {
+        _mm_prefetch(reinterpret_cast<const char*>(kn_[j]) + b, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(vn_[j]) + b, _MM_HINT_T1);
+      }
+    return n_;
+  }
+  const T* const* k() const { return k_; }
+  const T* const* v() const { return v_; }
+
+ private:
+  int gather(const T** kr, const T** vr) {  // walks the entries (ragged fills)
+    int nt = 0;
+    while (nt < KT && gathered_ + nt < total_) {
+      const int64_t blk = c_.seg_blocks[e_];
+      const int fill = c_.seg_fills[e_];
+      const int take = std::min({fill - off_, KT - nt, total_ - gathered_ - nt});
+      const T* kb = c_.k + blk * c_.k_sb + kvh_ * c_.k_sh + off_ * c_.k_ss;
+      const T* vb = c_.v + blk * c_.v_sb + kvh_ * c_.v_sh + off_ * c_.v_ss;
+      for (int j = 0; j < take; ++j) {
+        kr[nt + j] = kb + j * c_.k_ss;
+        vr[nt + j] = vb + j * c_.v_ss;
+      }
+      nt += take;
+      off_ += take;
+      if (off_ == fill) {
+        ++e_;
+        off_ = 0;
+      }
+    }
+    gathered_ += nt;
+    return nt;
+  }
+
+  const TreeAttentionCtx<T>& c_;
+  int64_t kvh_, e_;
+  int off_ = 0, gathered_ = 0, total_, n_ = 0, next_n_ = 0;
+  const T* bufs_[4][KT];
+  const T** k_ = bufs_[0];
+  const T** v_ = bufs_[1];
+  const T** kn_ = bufs_[2];
+  const T** vn_ = bufs_[3];
+};
+
+// AVX-512 kernel (tree_attention_avx512.cpp): used for tasks with >= 16 query rows when the CPU
+// has AVX-512 and NPR_CPU_ISA is not "avx2".
+bool tree_attention_avx512_usable();
+template <typename T>
+void tree_attention_task_avx512(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh);
+
+}  // namespace npr
