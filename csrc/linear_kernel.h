@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -217,21 +218,38 @@ inline void packed_block(const float* __restrict x, int64_t ldx,
       y[i * ldy + j] = hsum256(acc[0][i][j]) + (bias ? bias[j] : 0.f);
 }
 
-// All M rows of x times one packed block (3 outputs, nvalid of them real).
-template <class W>
+// All M rows of x times one packed block (3 outputs, nvalid of them real), in register blocks
+// of at most MaxRows rows: 4 with AVX2's 16 registers; 8 (24 accumulators) where the caller is
+// compiled for AVX-512VL's 32 (linear_avx512.cpp), so the block's weights are read once for 8 rows.
+template <class W, int MaxRows = kPackRows>
 inline void packed_rows(const float* x, int64_t ldx, int64_t M, const typename W::T* wb,
                         int64_t Kp, const float* bias, float* y, int64_t ldy, int nvalid) {
-  split_rows<kPackRows>(M, [&](int64_t m0, int64_t mb) {
+  static_assert(MaxRows >= 1 && MaxRows <= 8, "packed_rows: 1..8 rows per register block");
+  split_rows<MaxRows>(M, [&](int64_t m0, int64_t mb) {
     const float* xb = x + m0 * ldx;
     float* yb = y + m0 * ldy;
     const bool pf = m0 == 0 && M >= kPrefetchMinRows;
+    auto block = [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      if constexpr (R <= MaxRows) packed_block<W, R>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid, pf);
+    };
     switch (mb) {
-      case 1: packed_block<W, 1>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid, pf); break;
-      case 2: packed_block<W, 2>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid, pf); break;
-      case 3: packed_block<W, 3>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid, pf); break;
-      default: packed_block<W, 4>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid, pf); break;
+      case 1: block(std::integral_constant<int, 1>{}); break;
+      case 2: block(std::integral_constant<int, 2>{}); break;
+      case 3: block(std::integral_constant<int, 3>{}); break;
+      case 4: block(std::integral_constant<int, 4>{}); break;
+      case 5: block(std::integral_constant<int, 5>{}); break;
+      case 6: block(std::integral_constant<int, 6>{}); break;
+      case 7: block(std::integral_constant<int, 7>{}); break;
+      default: block(std::integral_constant<int, 8>{}); break;
     }
   });
 }
+
+// packed_rows with 8-row register blocks, compiled for AVX-512VL (linear_avx512.cpp); call only
+// when use_avx512() (cpu_isa.h).
+template <class W>
+void packed_rows_avx512(const float* x, int64_t ldx, int64_t M, const typename W::T* wb,
+                        int64_t Kp, const float* bias, float* y, int64_t ldy, int nvalid);
 
 }  // namespace npr::linear_kernel

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "cpu_isa.h"
 #include "linear_kernel.h"
 
 namespace npr::linear_kernel {
@@ -41,12 +42,17 @@ void run_packed(const float* x, int64_t ldx, int64_t M, const typename W::T* w, 
   const int64_t nblocks = (N + kPackN - 1) / kPackN;
   const int64_t block_elems = Kp * kPackN;
   const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(typename W::T));
+  // more than 4 rows: 8-row register blocks where the CPU has AVX-512 (32 registers)
+  const bool wide = M > kPackRows && use_avx512();
   at::parallel_for(0, nblocks, grain_for(block_bytes), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kPackN;
       const int nvalid = static_cast<int>(std::min<int64_t>(kPackN, N - n0));
-      packed_rows<W>(x, ldx, M, w + b * block_elems, Kp, bias ? bias + n0 : nullptr, y + n0, N,
-                     nvalid);
+      const float* bb = bias ? bias + n0 : nullptr;
+      if (wide)
+        packed_rows_avx512<W>(x, ldx, M, w + b * block_elems, Kp, bb, y + n0, N, nvalid);
+      else
+        packed_rows<W>(x, ldx, M, w + b * block_elems, Kp, bb, y + n0, N, nvalid);
     }
   });
 }

@@ -3,7 +3,7 @@
 #include <torch/extension.h>
 
 #include "bindings.h"
-#include "tree_attention_cpu.h"
+#include "cpu_isa.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "npr compiled extension: torch.ops.npr kernels and C++ engine classes";
@@ -14,7 +14,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   npr::bind_block_pool(m);
-  m.def("cpu_attention_isa", []() { return npr::tree_attention_avx512_usable() ? "avx512" : "avx2"; },
-        "The ISA of npr::tree_attention's CPU kernel for tasks with >= 16 query rows: 'avx512' when "
-        "the CPU has AVX-512 and NPR_CPU_ISA is not 'avx2', else 'avx2'.");
+  m.def("cpu_isa", []() { return npr::use_avx512() ? "avx512" : "avx2"; },
+        "The vector ISA of the CPU kernels' variants: 'avx512' when the CPU has AVX-512 F/BW/DQ/VL "
+        "and NPR_CPU_ISA is not 'avx2' (the AVX-512 variants of tree_attention for >= 16 query "
+        "rows and of the packed linear for > 4 rows), else 'avx2'.");
 }

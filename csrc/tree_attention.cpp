@@ -23,6 +23,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "simd.h"
 #include "tree_attention_check.h"
 #include "tree_attention_cpu.h"
@@ -394,7 +395,7 @@ void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
   // tasks with >= 16 query rows (a shared chunk read by several rows, or a long extend) go to the
   // AVX-512 kernel when the CPU has it: it fills its 16-lane vectors with queries
-  const bool avx512 = d.D % 8 == 0 && tree_attention_avx512_usable();
+  const bool avx512 = d.D % 8 == 0 && use_avx512();
   const int32_t* ipi = c.item_part_indptr;
   at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
     Scratch s;

@@ -11,11 +11,10 @@
 //
 // Compiled for AVX-512 with a target pragma that covers only this file's own functions (every
 // header is included before it), so no inline function shared with other TUs is built for
-// AVX-512; the caller checks the CPU first (tree_attention_avx512_usable).
+// AVX-512; the caller checks the CPU first (use_avx512, cpu_isa.h).
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -23,14 +22,6 @@
 #include "tree_attention_cpu.h"
 
 namespace npr {
-
-bool tree_attention_avx512_usable() {
-  const char* isa = std::getenv("NPR_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return has;
-}
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
@@ -107,7 +98,7 @@ struct Scratch {
 };
 
 template <typename T>
-void run_task(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh) {
+void run_task_avx512(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh) {
   thread_local Scratch s;
   const int64_t D = c.D, G = c.G;
   const int64_t p0 = c.item_part_indptr[w], nq = c.item_part_indptr[w + 1] - p0, M = nq * G;
@@ -223,7 +214,7 @@ void run_task(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh) {
 
 template <typename T>
 void tree_attention_task_avx512(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh) {
-  run_task<T>(c, w, kvh);
+  run_task_avx512<T>(c, w, kvh);
 }
 
 #pragma GCC pop_options

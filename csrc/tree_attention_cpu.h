@@ -118,9 +118,8 @@ class KeyTiles {
   const T** vn_ = bufs_[3];
 };
 
-// AVX-512 kernel (tree_attention_avx512.cpp): used for tasks with >= 16 query rows when the CPU
-// has AVX-512 and NPR_CPU_ISA is not "avx2".
-bool tree_attention_avx512_usable();
+// AVX-512 kernel (tree_attention_avx512.cpp): used for tasks with >= 16 query rows when
+// use_avx512() (cpu_isa.h).
 template <typename T>
 void tree_attention_task_avx512(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh);
 

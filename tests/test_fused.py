@@ -73,7 +73,7 @@ def _weight(kind, dtype, w):
 @pytest.mark.parametrize("kind,dtype", WEIGHTS, ids=lambda v: str(v))
 @pytest.mark.parametrize("prologue", PROLOGUES)
 @pytest.mark.parametrize("residual", [False, True], ids=["nores", "res"])
-def test_matches_reference(kind, dtype, prologue, residual):
+def test_matches_reference(kind, dtype, prologue, residual, isa):
     for m in ROWS:
         for k, n in SHAPES:
             x, w, b, kw = _case(m, k, n, prologue, residual, seed=m * 977 + k * 13 + n)

@@ -58,7 +58,7 @@ def _inputs(m: int, k: int, n: int, dtype: torch.dtype, bias: bool, seed: int):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_matches_reference_over_shapes(kind, dtype, bias):
+def test_matches_reference_over_shapes(kind, dtype, bias, isa):
     for m in ROWS:
         for k, n in SHAPES:
             x, w, b = _inputs(m, k, n, dtype, bias, seed=m * 1000 + k * 7 + n)
@@ -78,7 +78,7 @@ def test_matches_reference_random_shapes(m, k, n, dtype, bias, kind, seed):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_large_layer_split_over_threads(kind, dtype):
+def test_large_layer_split_over_threads(kind, dtype, isa):
     # Big enough that at::parallel_for splits the outputs; results do not depend on the split
     # (every output is summed by one thread in a fixed order).
     x, w, b = _inputs(8, 576, 1536, dtype, True, seed=5)

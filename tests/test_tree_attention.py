@@ -16,20 +16,6 @@ from npr import _ext
 from npr.ops import attention as A
 from npr.ref import attention as R
 
-# The CPU op runs tasks with >= 16 query rows on an AVX-512 kernel when the CPU has it; every CPU
-# test runs once as the machine chooses and once with NPR_CPU_ISA=avx2 (the AVX2 kernel for all).
-ISAS = ["auto", "avx2"]
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    if request.param == "auto":
-        monkeypatch.delenv("NPR_CPU_ISA", raising=False)
-    else:
-        monkeypatch.setenv("NPR_CPU_ISA", request.param)
-    return request.param
-
-
 TREE_KEYS = ("q_indptr", "seg_indptr", "seg_blocks", "seg_fills", "row_seg_indptr", "row_segs")
 
 
@@ -127,8 +113,8 @@ def test_cpu_fp32_matches_reference(case, isa):
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
 def test_cpu_isa_switch(isa):
     from npr import _C
-    want = "avx2" if isa == "avx2" else _C.cpu_attention_isa()
-    assert _C.cpu_attention_isa() == want
+    want = "avx2" if isa == "avx2" else _C.cpu_isa()
+    assert _C.cpu_isa() == want
 
 
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
