@@ -8,9 +8,22 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+_cached: dict[str, bool] = {}
+
+
+def reload() -> None:
+    """Forget cached settings: the next query re-reads the environment (after changing
+    os.environ in-process, e.g. in tests)."""
+    _cached.clear()
+
+
 def force_reference() -> bool:
-    """NPR_FORCE_REF=1: use the pure-torch reference of every op (debugging, oracle runs)."""
-    return _flag("NPR_FORCE_REF")
+    """NPR_FORCE_REF=1: use the pure-torch reference of every op (debugging, oracle runs).
+    Read once and cached (every op asks, ~1 us per environment read); see reload()."""
+    v = _cached.get("NPR_FORCE_REF")
+    if v is None:
+        v = _cached["NPR_FORCE_REF"] = _flag("NPR_FORCE_REF")
+    return v
 
 
 def triton_interpret() -> bool:

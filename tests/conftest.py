@@ -10,6 +10,16 @@ import pytest
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@pytest.fixture(autouse=True)
+def _fresh_env_settings():
+    """npr.env caches what it read from the environment; each test starts and ends fresh."""
+    from npr import env
+
+    env.reload()
+    yield
+    env.reload()
+
+
 @pytest.fixture(params=["auto", "avx2"])
 def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test once with the CPU kernels the machine chooses (AVX-512 variants where the CPU

@@ -102,3 +102,15 @@ def test_avx512_code_stays_in_its_variants():
     assert not bad, f"AVX-512 instructions outside the runtime-dispatched variants: {sorted(bad)[:5]}"
     assert found, "no AVX-512 variant found in npr._C (expected the linear and attention ones)"
     assert _C.cpu_isa() in ("avx512", "avx2")
+
+
+def test_env_settings_are_cached_until_reload(monkeypatch):
+    from npr import env
+
+    monkeypatch.delenv("NPR_FORCE_REF", raising=False)
+    env.reload()
+    assert env.force_reference() is False
+    monkeypatch.setenv("NPR_FORCE_REF", "1")
+    assert env.force_reference() is False  # cached: ops ask on every call
+    env.reload()
+    assert env.force_reference() is True

@@ -188,5 +188,6 @@ def test_fallbacks_match_reference(monkeypatch):
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.linear_fused(x, w, b, **kw), rtol=0.05, atol=0.3)
     monkeypatch.setenv("NPR_FORCE_REF", "1")
+    npr.env.reload()
     x, w, b, kw = _case(3, 24, 9, "norm", True, seed=9)
     _check(npr.ops.linear_fused(x, npr.ops.pack_linear_weight(w), b, **kw), x, w, b, kw)

@@ -187,6 +187,7 @@ def test_wrapper_packed_fallbacks(monkeypatch):
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, x.double() @ w.half().double().t() + b.double())
     monkeypatch.setenv("NPR_FORCE_REF", "1")
+    npr.env.reload()
     _close_to_ref(npr.ops.linear(x, p, b), x, w.half(), b)
     _close_to_ref(npr.ops.linear(x, w.bfloat16(), b), x, w.bfloat16(), b)
 
