@@ -1,6 +1,7 @@
 // npr::tree_attention — branch-tree (cascade / shared-prefix) attention over a paged KV cache.
-// Schema + CPU kernel (AVX2/FMA, fp32 compute; fp32/bf16/fp16 storage). Tasks with >= 16 query
-// rows go to the AVX-512 kernel (tree_attention_avx512.cpp) when the CPU has AVX-512.
+// Schema + CPU kernels (fp32 compute; fp32/bf16/fp16 storage): the row kernel below (AVX2/FMA,
+// any shape) and, for tasks with >= 16 query rows, the wide kernel (tree_attention_wide.h) built
+// for AVX2 here and for AVX-512 in tree_attention_avx512.cpp.
 //
 // The planner (npr/ops/attention.py) turns the tree into work items: (a chunk of one segment's
 // cache entries, the queries of the rows that read it). A task is (item, kv head): its queries'
@@ -27,6 +28,7 @@
 #include "simd.h"
 #include "tree_attention_check.h"
 #include "tree_attention_cpu.h"
+#include "tree_attention_wide.h"
 
 namespace npr {
 namespace {
@@ -116,6 +118,35 @@ inline void pv_block(float* const* acc, const float* const* p, const float* cons
 
 template <typename T>
 using Ctx = TreeAttentionCtx<T>;
+
+// The wide kernel's vector ISA here: AVX2, 8 queries per register, 16 registers (12
+// accumulators + 3 query or probability registers + 1 broadcast per block). Tiles of 24 keys:
+// with 48 the K/V tile, Qt and Ot of D = 128 overflow L1 (measured 5-7% slower).
+struct Avx2 {
+  using reg = __m256;
+  static constexpr int kLanes = 8, kMaxQueryRegs = 3, kAccumulators = 12, kTileKeys = 24;
+  static constexpr int value_cols(int nq) { return nq == 1 ? 8 : 4; }
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg set1(float x) { return _mm256_set1_ps(x); }
+  static reg load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, reg x) { _mm256_storeu_ps(p, x); }
+  static reg bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static __m256i load_int(const int32_t* p) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+  static reg all_true() { return _mm256_castsi256_ps(_mm256_set1_epi32(-1)); }
+  static reg greater(__m256i a, int32_t b) {
+    return _mm256_castsi256_ps(_mm256_cmpgt_epi32(a, _mm256_set1_epi32(b)));
+  }
+  static reg not_equal(reg a, reg b) { return _mm256_cmp_ps(a, b, _CMP_NEQ_OQ); }
+  static reg select(reg m, reg a, reg b) { return _mm256_blendv_ps(b, a, m); }  // m ? a : b
+  static reg exp(reg x) { return exp256(x); }
+};
 
 struct Scratch {
   std::vector<float> Q, acc, S, mrow, lrow, kbuf, vbuf, zero;
@@ -393,16 +424,20 @@ void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
   const int64_t ntask = d.W * d.Hkv;
   std::atomic<int64_t> next{0};
   const int64_t nth = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
-  // tasks with >= 16 query rows (a shared chunk read by several rows, or a long extend) go to the
-  // AVX-512 kernel when the CPU has it: it fills its 16-lane vectors with queries
-  const bool avx512 = d.D % 8 == 0 && use_avx512();
+  // Tasks with >= 16 query rows (a shared chunk read by several rows, or a long extend) go to the
+  // wide kernel: AVX-512 when the CPU has it and the rows fill its 16-lane registers, else AVX2
+  // (8 lanes; 24 rows, say, run faster there than padded to 32). Fewer rows: the row kernel.
+  const bool wide = d.D % 8 == 0, avx512 = wide && use_avx512();
   const int32_t* ipi = c.item_part_indptr;
   at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
     Scratch s;
+    WideScratch ws;
     for (int64_t i = next.fetch_add(1); i < ntask; i = next.fetch_add(1)) {
-      const int64_t w = i / d.Hkv, kvh = i % d.Hkv;
-      if (avx512 && (ipi[w + 1] - ipi[w]) * d.G >= 16)
-        tree_attention_task_avx512<T>(c, w, kvh);
+      const int64_t w = i / d.Hkv, kvh = i % d.Hkv, rows = (ipi[w + 1] - ipi[w]) * d.G;
+      if (wide && rows >= 16 && avx512 && rows % 16 == 0)
+        tree_attention_task_avx512<T>(c, w, kvh, ws);
+      else if (wide && rows >= 16)
+        Wide<Avx2>::task<T>(c, w, kvh, ws);
       else
         run_task<T>(c, w, kvh, s);
     }

@@ -7,10 +7,12 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "simd.h"
 
@@ -118,9 +120,17 @@ class KeyTiles {
   const T** vn_ = bufs_[3];
 };
 
-// AVX-512 kernel (tree_attention_avx512.cpp): used for tasks with >= 16 query rows when
-// use_avx512() (cpu_isa.h).
+// Buffers of the wide kernel (tree_attention_wide.h), one per worker thread. Defined here, outside the
+// AVX-512 file's target pragma: its inline special members are shared by both builds.
+struct WideScratch {
+  std::vector<float> Qt, Ot, St, mrow, lrow, alpha, zero, kbuf, vbuf, qrow;
+  std::vector<int32_t> nv;
+};
+
+// The wide kernel built for AVX-512 (tree_attention_avx512.cpp); call only when use_avx512()
+// (cpu_isa.h).
 template <typename T>
-void tree_attention_task_avx512(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh);
+void tree_attention_task_avx512(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh,
+                                WideScratch& s);
 
 }  // namespace npr

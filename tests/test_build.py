@@ -77,7 +77,7 @@ def test_import_without_the_extension_warns_once_and_falls_back():
 
 
 # Functions allowed to hold AVX-512 instructions: the variants chosen at run time (cpu_isa.h).
-AVX512_VARIANTS = ("npr::linear_kernel::packed_rows_avx512<", "::run_task_avx512<")
+AVX512_VARIANTS = ("npr::linear_kernel::packed_rows_avx512<", "npr::Wide<npr::(anonymous namespace)::Avx512>::")
 # zmm / ymm16-31 / mask registers / embedded broadcast, and EVEX-only mnemonics.
 _EVEX = re.compile(r"%zmm|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[1-7]\b|\{1to\d+\}|vpternlog|vmovdq[au](8|16|32|64)"
                    r"|vpermt2|vpermi2|vrndscale|vscalef|kmov")

@@ -111,6 +111,40 @@ def test_cpu_fp32_matches_reference(case, isa):
 
 
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_wide_kernel_row_counts(isa, dtype):
+    """N siblings decode over a shared prefix with G query heads per kv head: N * G query rows per
+    shared task picks the kernel (row kernel < 16 rows; wide kernel, AVX-512 when the rows fill
+    16-lane registers, else AVX2 with 1-3 register tails). One extend row (causal masks) rides
+    along in the shared segment's items."""
+    g = torch.Generator().manual_seed(11)
+    for n, grp, d in [(3, 4, 64), (4, 4, 128), (5, 3, 64), (6, 4, 128), (8, 3, 128), (11, 3, 64),
+                      (16, 4, 64), (17, 1, 128)]:
+        own = [int(x) for x in torch.randint(1, 40, (n,), generator=g)]
+        seg_len = [300] + own
+        fills, seg_indptr = [], [0]
+        for length in seg_len:
+            while length > 0:
+                f = min(length, 16 if float(torch.rand(1, generator=g)) < 0.7 else
+                        int(torch.randint(1, 17, (1,), generator=g)))
+                fills.append(f)
+                length -= f
+            seg_indptr.append(len(fills))
+        qlen = [1] * (n - 1) + [min(own[-1], 5)]  # the last row extends by up to 5 tokens
+        tree = {"q_indptr": [0] + list(torch.tensor(qlen).cumsum(0).tolist()),
+                "seg_indptr": seg_indptr, "seg_blocks": list(range(len(fills))),
+                "seg_fills": fills, "row_seg_indptr": [2 * i for i in range(n + 1)],
+                "row_segs": [s for i in range(n) for s in (0, 1 + i)]}
+        q, k, v = make_inputs(g, tree, len(fills), 16, 2, grp, d, dtype)
+        p = A.plan(**tree, block_size=16, kv_chunk=128)
+        o = A.tree_attention(q, k, v, p, backend="cpp")
+        ref = reference64(q, k, v, tree)
+        tol = 1e-5 if dtype == torch.float32 else 2 * _sdpa_bf16_error(q, k, v, tree, ref) + 1e-6
+        err = rel_err(o, ref) if dtype == torch.float32 else float((o.double() - ref).abs().max())
+        assert err <= tol, (n, grp, d, err)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
 def test_cpu_isa_switch(isa):
     from npr import _C
     want = "avx2" if isa == "avx2" else _C.cpu_isa()
