@@ -396,28 +396,9 @@ void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
              at::Tensor& out) {
   at::Tensor o_part = at::empty({d.P, d.Hq, d.D}, qc.options().dtype(at::kFloat));
   at::Tensor lse_part = at::empty({d.P, d.Hq}, qc.options().dtype(at::kFloat));
-  Ctx<T> c{};
-  c.q = reinterpret_cast<const T*>(qc.const_data_ptr());
-  c.k = reinterpret_cast<const T*>(k.const_data_ptr());
-  c.v = reinterpret_cast<const T*>(v.const_data_ptr());
-  c.k_sb = k.stride(0);
-  c.k_sh = k.stride(1);
-  c.k_ss = k.stride(2);
-  c.v_sb = v.stride(0);
-  c.v_sh = v.stride(1);
-  c.v_ss = v.stride(2);
-  c.seg_blocks = seg_blocks.const_data_ptr<int32_t>();
-  c.seg_fills = seg_fills.const_data_ptr<int32_t>();
-  c.item_ents = item_ents.const_data_ptr<int32_t>();
-  c.item_part_indptr = item_part_indptr.const_data_ptr<int32_t>();
-  c.part_q = part_q.const_data_ptr<int32_t>();
-  c.part_nvis = part_nvis.const_data_ptr<int32_t>();
-  c.o_part = o_part.mutable_data_ptr<float>();
-  c.lse_part = lse_part.mutable_data_ptr<float>();
-  c.Hq = d.Hq;
-  c.G = d.G;
-  c.D = d.D;
-  c.scale = static_cast<float>(scale);
+  const Ctx<T> c = make_tree_attention_args<T, int64_t>(qc, k, v, d, seg_blocks, seg_fills,
+                                                        item_ents, item_part_indptr, part_q,
+                                                        part_nvis, o_part, lse_part, scale);
   // tasks (item, kv head), items already sorted most expensive first; threads take tasks from a
   // shared counter so long shared-prefix chunks and short own suffixes balance. Each call of the
   // body drains the queue, so this is right however parallel_for splits [0, nth).

@@ -11,6 +11,10 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
+// GCC 12 warns that the intrinsics' internal _mm512_undefined_* operand "may be used
+// uninitialized" (a false positive, GCC PR 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include "tree_attention_wide.h"
 
@@ -66,6 +70,7 @@ void tree_attention_task_avx512(const TreeAttentionCtx<T>& c, int64_t w, int64_t
   Wide<Avx512>::task<T>(c, w, kvh, s);
 }
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 template void tree_attention_task_avx512<float>(const TreeAttentionCtx<float>&, int64_t, int64_t,

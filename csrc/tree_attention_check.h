@@ -7,6 +7,28 @@
 #include <cstdint>
 
 namespace npr {
+
+// The kernels' arguments for one call (see the plan in npr/ops/attention.py), the same for the
+// CPU kernels (Int = int64_t) and the CUDA kernel (Int = int: 32-bit index math on the device).
+// A plain struct, so one definition serves both compilers.
+template <typename T, typename Int>
+struct TreeAttentionArgs {
+  const T* q;  // [T, Hq, D] contiguous
+  const T* k;
+  const T* v;
+  int64_t k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // cache strides (elements): block, head, slot
+  const int32_t* seg_blocks;
+  const int32_t* seg_fills;
+  const int32_t* item_ents;
+  const int32_t* item_part_indptr;
+  const int32_t* part_q;
+  const int32_t* part_nvis;
+  float* o_part;    // [P, Hq, D]
+  float* lse_part;  // [P, Hq]
+  Int Hq, G, D;
+  float scale;
+};
+
 // Internal linkage: this header is compiled both by the host compiler (CPU op) and by nvcc (CUDA
 // op); each TU keeps its own copy rather than the linker picking one of two compilers' versions.
 namespace {
@@ -15,7 +37,7 @@ struct TreeAttentionDims {
   int64_t T, Hq, D, NB, Hkv, BS, G, R, S, E, W, P;
 };
 
-void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& q,
+inline void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& q,
                                int64_t dim = 1) {
   TORCH_CHECK(t.scalar_type() == at::kInt, "npr::tree_attention: ", name, " must be int32, got ",
               t.scalar_type());
@@ -27,7 +49,7 @@ void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor&
 }
 
 // q: [T, Hq, D]; k_cache, v_cache: [NB, Hkv, BS, D]; the rest int32 (see npr/ops/attention.py).
-TreeAttentionDims check_tree_attention_args(
+inline TreeAttentionDims check_tree_attention_args(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& q_indptr, const at::Tensor& seg_indptr, const at::Tensor& seg_blocks,
     const at::Tensor& seg_fills, const at::Tensor& row_seg_indptr, const at::Tensor& row_segs,
@@ -96,6 +118,39 @@ TreeAttentionDims check_tree_attention_args(
               q_part_indptr.numel(), " elements, expected T+1=", d.T + 1);
   TORCH_CHECK(max_item_parts >= 0, "npr::tree_attention: max_item_parts must be >= 0");
   return d;
+}
+
+// The arguments of one call: q contiguous, partial outputs o_part [P, Hq, D] and lse_part [P, Hq]
+// (fp32) allocated by the caller.
+template <typename T, typename Int>
+inline TreeAttentionArgs<T, Int> make_tree_attention_args(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const TreeAttentionDims& d,
+    const at::Tensor& seg_blocks, const at::Tensor& seg_fills, const at::Tensor& item_ents,
+    const at::Tensor& item_part_indptr, const at::Tensor& part_q, const at::Tensor& part_nvis,
+    at::Tensor& o_part, at::Tensor& lse_part, double scale) {
+  TreeAttentionArgs<T, Int> a{};
+  a.q = reinterpret_cast<const T*>(q.const_data_ptr());
+  a.k = reinterpret_cast<const T*>(k.const_data_ptr());
+  a.v = reinterpret_cast<const T*>(v.const_data_ptr());
+  a.k_sb = k.stride(0);
+  a.k_sh = k.stride(1);
+  a.k_ss = k.stride(2);
+  a.v_sb = v.stride(0);
+  a.v_sh = v.stride(1);
+  a.v_ss = v.stride(2);
+  a.seg_blocks = seg_blocks.const_data_ptr<int32_t>();
+  a.seg_fills = seg_fills.const_data_ptr<int32_t>();
+  a.item_ents = item_ents.const_data_ptr<int32_t>();
+  a.item_part_indptr = item_part_indptr.const_data_ptr<int32_t>();
+  a.part_q = part_q.const_data_ptr<int32_t>();
+  a.part_nvis = part_nvis.const_data_ptr<int32_t>();
+  a.o_part = o_part.mutable_data_ptr<float>();
+  a.lse_part = lse_part.mutable_data_ptr<float>();
+  a.Hq = static_cast<Int>(d.Hq);
+  a.G = static_cast<Int>(d.G);
+  a.D = static_cast<Int>(d.D);
+  a.scale = static_cast<float>(scale);
+  return a;
 }
 
 }  // namespace

@@ -15,29 +15,15 @@
 #include <vector>
 
 #include "simd.h"
+#include "tree_attention_check.h"
 
 namespace npr {
 
 constexpr float TA_NEG_INF = -std::numeric_limits<float>::infinity();
 
-// Everything one task (work item, kv head) reads and writes; see the plan in npr/ops/attention.py.
+// Everything one task (work item, kv head) reads and writes.
 template <typename T>
-struct TreeAttentionCtx {
-  const T* q;  // [T, Hq, D] contiguous
-  const T* k;
-  const T* v;
-  int64_t k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // cache strides (elements): block, head, slot
-  const int32_t* seg_blocks;
-  const int32_t* seg_fills;
-  const int32_t* item_ents;
-  const int32_t* item_part_indptr;
-  const int32_t* part_q;
-  const int32_t* part_nvis;
-  float* o_part;    // [P, Hq, D]
-  float* lse_part;  // [P, Hq]
-  int64_t Hq, G, D;
-  float scale;
-};
+using TreeAttentionCtx = TreeAttentionArgs<T, int64_t>;
 
 // dst[0..D) = fp32(src[0..D)) * mul
 template <typename T>

@@ -36,22 +36,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 template <typename T>
-struct PartialParams {
-  const T* q;  // [T, Hq, D] contiguous
-  const T* k;
-  const T* v;
-  int64_t k_sb, k_sh, k_ss, v_sb, v_sh, v_ss;  // cache strides (elements): block, head, slot
-  const int* seg_blocks;
-  const int* seg_fills;
-  const int* item_ents;
-  const int* item_part_indptr;
-  const int* part_q;
-  const int* part_nvis;
-  float* o_part;    // [P, Hq, D]
-  float* lse_part;  // [P, Hq]
-  int Hq, G, D;
-  float scale;
-};
+using PartialParams = TreeAttentionArgs<T, int>;
 
 // Locates tile key x (0-based from the cursor) among the cursor's next 32 entries, whose
 // inclusive prefix sums of available tokens are `cum` (one per lane): entry index (0..32) and
@@ -282,28 +267,9 @@ void run(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v, const T
   auto stream = at::cuda::getCurrentCUDAStream();
   at::Tensor o_part = at::empty({d.P, d.Hq, d.D}, qc.options().dtype(at::kFloat));
   at::Tensor lse_part = at::empty({d.P, d.Hq}, qc.options().dtype(at::kFloat));
-  PartialParams<T> prm{};
-  prm.q = reinterpret_cast<const T*>(qc.const_data_ptr());
-  prm.k = reinterpret_cast<const T*>(k.const_data_ptr());
-  prm.v = reinterpret_cast<const T*>(v.const_data_ptr());
-  prm.k_sb = k.stride(0);
-  prm.k_sh = k.stride(1);
-  prm.k_ss = k.stride(2);
-  prm.v_sb = v.stride(0);
-  prm.v_sh = v.stride(1);
-  prm.v_ss = v.stride(2);
-  prm.seg_blocks = seg_blocks.const_data_ptr<int>();
-  prm.seg_fills = seg_fills.const_data_ptr<int>();
-  prm.item_ents = item_ents.const_data_ptr<int>();
-  prm.item_part_indptr = item_part_indptr.const_data_ptr<int>();
-  prm.part_q = part_q.const_data_ptr<int>();
-  prm.part_nvis = part_nvis.const_data_ptr<int>();
-  prm.o_part = o_part.mutable_data_ptr<float>();
-  prm.lse_part = lse_part.mutable_data_ptr<float>();
-  prm.Hq = static_cast<int>(d.Hq);
-  prm.G = static_cast<int>(d.G);
-  prm.D = static_cast<int>(d.D);
-  prm.scale = static_cast<float>(scale);
+  const PartialParams<T> prm = make_tree_attention_args<T, int>(
+      qc, k, v, d, seg_blocks, seg_fills, item_ents, item_part_indptr, part_q, part_nvis, o_part,
+      lse_part, scale);
   const int max_m = static_cast<int>(max_item_parts * d.G);
   if (d.W > 0 && max_m > 0) {
     const int W = static_cast<int>(d.W), Hkv = static_cast<int>(d.Hkv);
