@@ -62,14 +62,27 @@ def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "date": _dt.date.today().isoformat(),
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%H:%M"),
         "platform": platform.platform(),
         "processor": _cpu_name(),
+        "cpu_isa": _cpu_isa(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def _cpu_isa() -> str:
+    """The ISA of npr's CPU kernel variants here ('avx512' / 'avx2'; NPR_CPU_ISA=avx2 forces
+    AVX2), or 'none' without the extension: the VM type varies, so results record it."""
+    try:
+        from npr import _C
+
+        return _C.cpu_isa()
+    except ImportError:
+        return "none"
 
 
 def _cpu_name() -> str:

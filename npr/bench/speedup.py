@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch-tokens", type=int, default=128)
     p.add_argument("--takeaway-tokens", type=int, default=32)
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="runs per mode, alternating native / sequential; the fastest is kept "
+                        "(this VM's speed drifts by 10-20%% within minutes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -75,16 +78,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     eng.generate(input_ids=[prompt], sampling_params=npr.SamplingParams(
         temperature=0, max_new_tokens=64, logits_processors=[warm]))
     for n in [int(x) for x in args.branches.split(",")]:
-        f = _workload(tok, tag_ids, labels, len(prompt), n, args)
         res = {}
         steps = {}
-        for mode in ("native", "sequential"):
-            sp = npr.SamplingParams(temperature=0, max_new_tokens=16 * 1024, parallel=mode, logits_processors=[f])
-            before = dict(eng.stats)
-            t0 = time.perf_counter()
-            out = eng.generate(input_ids=[prompt], sampling_params=sp)[0].outputs[0]
-            res[mode] = (time.perf_counter() - t0, out)
-            steps[mode] = (eng.stats["steps"] - before["steps"], eng.stats["forward_s"] - before["forward_s"])
+        for _ in range(max(1, getattr(args, "repeat", 1))):
+            for mode in ("native", "sequential"):
+                f = _workload(tok, tag_ids, labels, len(prompt), n, args)  # fresh processor state
+                sp = npr.SamplingParams(temperature=0, max_new_tokens=16 * 1024, parallel=mode,
+                                        logits_processors=[f])
+                before = dict(eng.stats)
+                t0 = time.perf_counter()
+                out = eng.generate(input_ids=[prompt], sampling_params=sp)[0].outputs[0]
+                dt = time.perf_counter() - t0
+                if mode not in res or dt < res[mode][0]:
+                    res[mode] = (dt, out)
+                    steps[mode] = (eng.stats["steps"] - before["steps"],
+                                   eng.stats["forward_s"] - before["forward_s"])
         nat_t, nat = res["native"]
         seq_t, seq = res["sequential"]
         if nat.token_ids != seq.token_ids or not nat.structure_valid:
