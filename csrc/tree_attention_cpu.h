@@ -1,6 +1,7 @@
-// Pieces shared by the two CPU kernels of npr::tree_attention (tree_attention.cpp: AVX2, any
-// shape; tree_attention_avx512.cpp: AVX-512, many queries per task): the kernel arguments, the
-// walk over an item's keys in tiles, and the fp32 widening of a row.
+// Pieces shared by the CPU kernels of npr::tree_attention (tree_attention.cpp: the row kernel,
+// any shape, and the wide kernel built for AVX2; tree_attention_avx512.cpp: the wide kernel
+// built for AVX-512): the kernel arguments, the walk over an item's keys in tiles, the fp32
+// widening of a row, and the wide kernel's per-thread buffers.
 #pragma once
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
