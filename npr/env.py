@@ -1,4 +1,8 @@
-"""Every environment knob npr reads, in one place."""
+"""Every environment knob npr reads, in one place.
+
+One more is read by the compiled kernels themselves (csrc/cpu_isa.cpp): NPR_CPU_ISA=avx2 makes the
+CPU kernels use their AVX2 variants even on a CPU with AVX-512 (npr._C.cpu_isa() says which run).
+"""
 from __future__ import annotations
 
 import os
