@@ -32,18 +32,35 @@ def _cmd_bench(argv: list[str]) -> int:
     from npr.bench import common
 
     suites = _available_suites()
-    p = argparse.ArgumentParser(prog="npr bench", description="microbenchmarks")
-    p.add_argument("suite", choices=suites + ["all"])
+    p = argparse.ArgumentParser(prog="npr bench", description="microbenchmarks", add_help=False)
+    p.add_argument("suite", nargs="?", choices=suites + ["all"])
     p.add_argument("--json", metavar="PATH", help="write the result rows as JSON here")
     p.add_argument("--quick", action="store_true", help="a few small cases (smoke run)")
+    p.add_argument("-h", "--help", action="store_true", help="show this help (with the suite's "
+                   "own options when a suite is named) and exit")
     args, rest = p.parse_known_args(argv)
+
+    def suite_parser(s: str) -> argparse.ArgumentParser:
+        sp = argparse.ArgumentParser(prog=f"npr bench {s}", add_help=False,
+                                     description=f"options of the {s} suite")
+        mod = _bench_module(s)
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(sp)
+        return sp
+
+    if args.suite is None and not args.help:
+        p.error("name a suite (or all)")
+    if args.help:
+        p.print_help()
+        if args.suite not in (None, "all"):
+            print()
+            suite_parser(args.suite).print_help()
+        return 0
     chosen = suites if args.suite == "all" else [args.suite]
     all_rows: dict[str, list[dict]] = {}
     for s in chosen:
         mod = _bench_module(s)
-        sp = argparse.ArgumentParser(prog=f"npr bench {s}")
-        if hasattr(mod, "add_arguments"):
-            mod.add_arguments(sp)
+        sp = suite_parser(s)
         sargs = sp.parse_args(rest if args.suite != "all" else [])
         sargs.quick = args.quick
         rows = mod.run(sargs)

@@ -1,6 +1,7 @@
 """The command line: bench suites write JSON rows; generate streams and prints stats."""
 import json
 
+import pytest
 import torch
 
 from npr import cli
@@ -14,6 +15,15 @@ def test_bench_kv_quick_writes_json(tmp_path, capsys):
     assert payload["machine"]["torch"] == torch.__version__
     assert payload["rows"] and all(isinstance(r, dict) for r in payload["rows"])
     assert "== kv" in capsys.readouterr().out
+
+
+def test_bench_help_lists_the_suites_options(capsys):
+    assert cli.main(["bench", "speedup", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--quick" in out and "--repeat" in out and "--branches" in out
+    with pytest.raises(SystemExit) as e:  # no suite named: argparse's usage error
+        cli.main(["bench"])
+    assert e.value.code == 2
 
 
 def test_unknown_command_fails():
