@@ -5,8 +5,9 @@
 
 namespace npr {
 
-// True when the CPU has AVX-512 F/BW/DQ/VL and the environment does not say NPR_CPU_ISA=avx2
-// (read on every call, so tests can run both paths in one process).
+// True when the CPU has AVX-512 F/BW/DQ/VL and NPR_CPU_ISA is unset, "auto" or "avx512"; false
+// for NPR_CPU_ISA=avx2 (case-insensitive). Any other value throws std::invalid_argument. Read on
+// every call, so tests can run both paths in one process.
 bool use_avx512();
 
 }  // namespace npr

@@ -387,6 +387,8 @@ void check_data(const TreeAttentionDims& d, const at::Tensor& q_indptr, const at
   }
 }
 
+std::atomic<int64_t> g_task_counts[3];  // see tree_attention_task_counts
+
 template <typename T>
 void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
              const TreeAttentionDims& d, const at::Tensor& seg_blocks, const at::Tensor& seg_fills,
@@ -413,15 +415,21 @@ void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
   at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
     Scratch s;
     WideScratch ws;
+    int64_t ran[3] = {0, 0, 0};
     for (int64_t i = next.fetch_add(1); i < ntask; i = next.fetch_add(1)) {
       const int64_t w = i / d.Hkv, kvh = i % d.Hkv, rows = (ipi[w + 1] - ipi[w]) * d.G;
-      if (wide && rows >= 16 && avx512 && rows % 16 == 0)
+      if (wide && rows >= 16 && avx512 && rows % 16 == 0) {
         tree_attention_task_avx512<T>(c, w, kvh, ws);
-      else if (wide && rows >= 16)
+        ++ran[2];
+      } else if (wide && rows >= 16) {
         Wide<Avx2>::task<T>(c, w, kvh, ws);
-      else
+        ++ran[1];
+      } else {
         run_task<T>(c, w, kvh, s);
+        ++ran[0];
+      }
     }
+    for (int k = 0; k < 3; ++k) g_task_counts[k].fetch_add(ran[k], std::memory_order_relaxed);
   });
   merge<T>(c.o_part, c.lse_part, q_part_indptr.const_data_ptr<int32_t>(),
            q_parts.const_data_ptr<int32_t>(), reinterpret_cast<T*>(out.mutable_data_ptr()), d.T,
@@ -463,6 +471,14 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
 }
 
 }  // namespace
+
+std::array<int64_t, 3> tree_attention_task_counts(bool reset) {
+  std::array<int64_t, 3> out{};
+  for (int k = 0; k < 3; ++k)
+    out[k] = reset ? g_task_counts[k].exchange(0) : g_task_counts[k].load();
+  return out;
+}
+
 }  // namespace npr
 
 TORCH_LIBRARY_FRAGMENT(npr, m) {

@@ -42,9 +42,9 @@ struct Avx512 {
   }
   static __mmask16 not_equal(reg a, reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_NEQ_OQ); }
   static reg select(__mmask16 m, reg a, reg b) { return _mm512_mask_mov_ps(b, m, a); }  // m ? a : b
-  // e^x: the polynomial of simd.h's exp256
+  // e^x: the polynomial of simd.h's exp256 (NaN passes the clamp: x is the second operand)
   static reg exp(reg x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, set1(-87.0f)), set1(88.3762626647949f));
+    x = _mm512_min_ps(set1(88.3762626647949f), _mm512_max_ps(set1(-87.0f), x));
     const reg n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504088896341f)),
                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     reg r = _mm512_fnmadd_ps(n, set1(0.693359375f), x);

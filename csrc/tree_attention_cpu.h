@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -113,6 +114,10 @@ struct WideScratch {
   std::vector<float> Qt, Ot, St, mrow, lrow, alpha, zero, kbuf, vbuf, qrow;
   std::vector<int32_t> nv;
 };
+
+// Tasks run by each CPU kernel since the last reset: {row, AVX2 wide, AVX-512 wide}. Lets tests
+// check which kernel a shape reaches (tree_attention.cpp; npr._C.tree_attention_task_counts).
+std::array<int64_t, 3> tree_attention_task_counts(bool reset);
 
 // The wide kernel built for AVX-512 (tree_attention_avx512.cpp); call only when use_avx512()
 // (cpu_isa.h).

@@ -77,10 +77,18 @@ def test_import_without_the_extension_warns_once_and_falls_back():
 
 
 # Functions allowed to hold AVX-512 instructions: the variants chosen at run time (cpu_isa.h).
-AVX512_VARIANTS = ("npr::linear_kernel::packed_rows_avx512<", "npr::Wide<npr::(anonymous namespace)::Avx512>::")
-# zmm / ymm16-31 / mask registers / embedded broadcast, and EVEX-only mnemonics.
-_EVEX = re.compile(r"%zmm|%[xy]mm(1[6-9]|2\d|3[01])\b|%k[1-7]\b|\{1to\d+\}|vpternlog|vmovdq[au](8|16|32|64)"
-                   r"|vpermt2|vpermi2|vrndscale|vscalef|kmov")
+AVX512_VARIANTS = ("npr::linear_kernel::packed_rows_avx512<",
+                   "npr::Wide<npr::(anonymous namespace)::Avx512>::")
+_LEGACY_PREFIXES = {"26", "2e", "36", "3e", "64", "65", "66", "67", "f0", "f2", "f3"}
+
+
+def _is_evex(raw_bytes: str) -> bool:
+    """An instruction's bytes (objdump's hex field) start, after legacy prefixes, with 0x62: the
+    EVEX prefix of every AVX-512 instruction (0x62 is no other opcode in 64-bit mode)."""
+    for b in raw_bytes.split():
+        if b not in _LEGACY_PREFIXES:
+            return b == "62"
+    return False
 
 
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
@@ -91,17 +99,30 @@ def test_avx512_code_stays_in_its_variants():
     target pragma) would crash with SIGILL on a CPU without AVX-512."""
     from npr import _C
 
-    out = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", _C.__file__],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["objdump", "-d", "-w", "-C", _C.__file__], capture_output=True,
+                         text=True, check=True).stdout
     fn, found, bad = "", set(), set()
     for line in out.splitlines():
         if line.endswith(">:") and "<" in line:
             fn = line[line.index("<") + 1:-2]
-        elif _EVEX.search(line):
+            continue
+        parts = line.split("\t")  # "  addr:", "bytes", "mnemonic operands"
+        if len(parts) >= 3 and parts[0].strip().endswith(":") and _is_evex(parts[1]):
             (found if any(v in fn for v in AVX512_VARIANTS) else bad).add(fn)
     assert not bad, f"AVX-512 instructions outside the runtime-dispatched variants: {sorted(bad)[:5]}"
     assert found, "no AVX-512 variant found in npr._C (expected the linear and attention ones)"
+
+
+def test_cpu_isa_setting(monkeypatch):
+    from npr import _C
+
+    monkeypatch.setenv("NPR_CPU_ISA", "AVX2")
+    assert _C.cpu_isa() == "avx2"
+    monkeypatch.setenv("NPR_CPU_ISA", "auto")
     assert _C.cpu_isa() in ("avx512", "avx2")
+    monkeypatch.setenv("NPR_CPU_ISA", "sse")
+    with pytest.raises(ValueError, match="NPR_CPU_ISA must be"):
+        _C.cpu_isa()
 
 
 def test_env_settings_are_cached_until_reload(monkeypatch):

@@ -92,7 +92,7 @@ CASES = [
     (5, 2, 5, (1, 25), 3, 3, 3, 128, 2, None, 7, 64),        # odd block size, extend
     (16, 1, 8, (100, 300), 2, 2, 1, 128, 0, 5000, 512, 64),  # long prefix + long own parts
     (32, 1, 1, (1, 40), 1, 1, 4, 64, 3, 700, 1024, 64),      # one child chain + loose rows
-    (16, 2, 3, (1, 30), 1, 2, 3, 40, 1, None, 1024, 64),     # head dim not a multiple of 8
+    (16, 2, 3, (1, 30), 1, 2, 3, 36, 1, None, 1024, 64),     # head dim not a multiple of 8
 ]
 
 
@@ -114,12 +114,15 @@ def test_cpu_fp32_matches_reference(case, isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_wide_kernel_row_counts(isa, dtype):
     """N siblings decode over a shared prefix with G query heads per kv head: N * G query rows per
-    shared task picks the kernel (row kernel < 16 rows; wide kernel, AVX-512 when the rows fill
-    16-lane registers, else AVX2 with 1-3 register tails). One extend row (causal masks) rides
-    along in the shared segment's items."""
+    shared task pick the kernel (row kernel < 16 rows; wide kernel, AVX-512 when the rows fill
+    16-lane registers, else AVX2 with 1-3 register tails; the row kernel again when D % 8 != 0).
+    The last row extends by up to 5 tokens: causal masks in its own segment's items."""
+    from npr import _C
+
     g = torch.Generator().manual_seed(11)
+    _C.tree_attention_task_counts(reset=True)
     for n, grp, d in [(3, 4, 64), (4, 4, 128), (5, 3, 64), (6, 4, 128), (8, 3, 128), (11, 3, 64),
-                      (16, 4, 64), (17, 1, 128)]:
+                      (16, 4, 64), (17, 1, 128), (8, 4, 36), (6, 3, 20)]:
         own = [int(x) for x in torch.randint(1, 40, (n,), generator=g)]
         seg_len = [300] + own
         fills, seg_indptr = [], [0]
@@ -142,6 +145,55 @@ def test_cpu_wide_kernel_row_counts(isa, dtype):
         tol = 1e-5 if dtype == torch.float32 else 2 * _sdpa_bf16_error(q, k, v, tree, ref) + 1e-6
         err = rel_err(o, ref) if dtype == torch.float32 else float((o.double() - ref).abs().max())
         assert err <= tol, (n, grp, d, err)
+    row, wide2, wide512 = _C.tree_attention_task_counts(reset=True)
+    assert row > 0 and wide2 > 0  # 12-row tasks, own segments, D % 8 != 0; 24 or 33 rows
+    assert (wide512 > 0) == (_C.cpu_isa() == "avx512")  # 16, 32, 64 rows
+
+
+@pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
+@pytest.mark.parametrize("n", [4, 6, 8])
+def test_cpu_wide_kernel_as_accurate_as_the_row_kernel(isa, n):
+    """Long heads (D = 256) and sharp softmax (q, k x 2): the same inputs through the wide kernel
+    (n siblings x 4 heads >= 16 rows per task) and through the row kernel (max_item_queries=1:
+    4 rows per task) against fp64. Summing each D = 256 dot product in one fp32 chain made the
+    wide kernel 10x less accurate than the row kernel here."""
+    nf = 1000 // 16
+    fills = [16] * nf + [1] * n
+    tree = {"q_indptr": list(range(n + 1)), "seg_indptr": [0, nf] + [nf + 1 + i for i in range(n)],
+            "seg_blocks": list(range(len(fills))), "seg_fills": fills,
+            "row_seg_indptr": [2 * i for i in range(n + 1)],
+            "row_segs": [s for i in range(n) for s in (0, 1 + i)]}
+    worst_wide = worst_row = 0.0
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = make_inputs(g, tree, len(fills), 16, 1, 4, 256)
+        q, k = q * 2, k * 2
+        ref = reference64(q, k, v, tree)
+        wide = A.tree_attention(q, k, v, A.plan(**tree, block_size=16), backend="cpp")
+        row = A.tree_attention(q, k, v, A.plan(**tree, block_size=16, max_item_queries=1),
+                               backend="cpp")
+        worst_wide, worst_row = max(worst_wide, rel_err(wide, ref)), max(worst_row, rel_err(row, ref))
+    assert worst_wide <= 1e-5 and worst_wide <= max(3 * worst_row, 2e-6), (worst_wide, worst_row)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
+@pytest.mark.parametrize("rows", [4, 24, 32])
+def test_cpu_nan_in_a_key_reaches_every_query_that_sees_it(isa, rows):
+    """A NaN in the cache is not hidden: queries that attend to it get NaN (as in the reference),
+    the others stay finite. Covers the row kernel (4 rows) and the wide kernels (24, 32)."""
+    n, grp, d, bs = rows // 4, 4, 64, 16
+    tree = {"q_indptr": list(range(n + 2)), "seg_indptr": [0, 6] + [6 + i + 1 for i in range(n)]
+            + [6 + n + 1], "seg_blocks": list(range(6 + n + 1)), "seg_fills": [16] * 6 + [5] * (n + 1),
+            "row_seg_indptr": [2 * i for i in range(n + 1)] + [2 * n + 1],
+            "row_segs": [s for i in range(n) for s in (0, 1 + i)] + [n + 1]}
+    g = torch.Generator().manual_seed(rows)
+    q, k, v = make_inputs(g, tree, 6 + n + 1, bs, 1, grp, d)
+    for block, slot in [(0, 5), (2, 0), (5, 15)]:  # keys 5, 32, 95 of the shared prefix
+        kk = k.clone()
+        kk[block, 0, slot, 3] = float("nan")
+        o = A.tree_attention(q, kk, v, A.plan(**tree, block_size=bs), backend="cpp")
+        assert o[:n].isnan().all(), (block, slot)  # the siblings read the shared prefix
+        assert o[n].isfinite().all()  # the loose row does not
 
 
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
