@@ -33,7 +33,10 @@
 namespace npr {
 namespace {
 
-constexpr int KT = 32;  // keys per tile: K and V tiles of 32 x D fp32 stay in L1/L2
+// Keys per tile. Small tiles keep the prefetch of the next tile short and frequent, which is what
+// a task of few query rows (a memory stream) needs: 8 vs 32 measured 15-26% faster on 8192-key
+// rows (flat tables; 2-sibling cascade), 5-8% slower on 512-key rows.
+constexpr int KT = 8;
 constexpr float NEG_INF = TA_NEG_INF;
 
 
