@@ -33,10 +33,12 @@
 namespace npr {
 namespace {
 
-// Keys per tile. Small tiles keep the prefetch of the next tile short and frequent, which is what
-// a task of few query rows (a memory stream) needs: 8 vs 32 measured 15-26% faster on 8192-key
-// rows (flat tables; 2-sibling cascade), 5-8% slower on 512-key rows.
-constexpr int KT = 8;
+// Keys per tile of the row kernel: 32, or 8 for tasks of >= kLongTask keys. A task of few query
+// rows over many keys is a memory stream, and small tiles keep the prefetch of the next tile
+// short and frequent: 8 vs 32 measured 15-26% faster on 8192-key rows (flat tables, 2-sibling
+// cascades) but 5-8% slower on 512-key rows.
+constexpr int kMaxTile = 32;
+constexpr int kLongTask = 768;
 constexpr float NEG_INF = TA_NEG_INF;
 
 
@@ -154,13 +156,13 @@ struct Avx2 {
 struct Scratch {
   std::vector<float> Q, acc, S, mrow, lrow, kbuf, vbuf, zero;
   std::vector<int> nv, rownv;
-  const float* kp[KT];
-  const float* vp[KT];
+  const float* kp[kMaxTile];
+  const float* vp[kMaxTile];
   void reserve(int64_t M, int64_t D) {
     if (static_cast<int64_t>(mrow.size()) < M) {
       Q.resize(M * D);
       acc.resize(M * D);
-      S.resize(M * KT);
+      S.resize(M * kMaxTile);
       mrow.resize(M);
       lrow.resize(M);
       nv.resize(M);
@@ -168,15 +170,15 @@ struct Scratch {
     }
     if (static_cast<int64_t>(zero.size()) < D) {
       zero.assign(D, 0.f);
-      kbuf.resize(KT * D);
-      vbuf.resize(KT * D);
+      kbuf.resize(kMaxTile * D);
+      vbuf.resize(kMaxTile * D);
     }
   }
 };
 
-// One task: item w, kv head kvh.
-template <typename T>
-void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
+// One task: item w, kv head kvh, in tiles of KT keys.
+template <typename T, int KT>
+void run_task_tiles(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
   const int64_t D = c.D, G = c.G;
   const int64_t p0 = c.item_part_indptr[w], nq = c.item_part_indptr[w + 1] - p0, M = nq * G;
   if (M == 0) return;
@@ -296,6 +298,18 @@ void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
     for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
     c.lse_part[part * c.Hq + h] = s.mrow[m] + std::log(l);
   }
+}
+
+// One task of the row kernel: 8-key tiles for long tasks (memory streams), else 32.
+template <typename T>
+void run_task(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
+  int max_nv = 0;
+  for (int64_t p = c.item_part_indptr[w]; p < c.item_part_indptr[w + 1]; ++p)
+    max_nv = std::max(max_nv, c.part_nvis[p]);
+  if (max_nv >= kLongTask)
+    run_task_tiles<T, 8>(c, w, kvh, s);
+  else
+    run_task_tiles<T, kMaxTile>(c, w, kvh, s);
 }
 
 // o[t] = sum_i w_i o_part[i] / sum_i w_i, w_i = exp(lse_i - max lse), over query t's partials
