@@ -10,6 +10,11 @@ query per row, the last own position). Baselines, on the same rows and queries:
 Times are the best of --iters runs (this VM's timings vary run to run; ratios are side by side).
 GB/s = KV bytes the method must read (the shared prefix once for cascade) / time; copy_gbs is the
 machine's measured copy bandwidth (read + write) for scale.
+Roofline (npr.bench.common.roofline_ms, from the measured read bandwidth read_gbs and GEMM rate
+gemm_gflops): roofline_<method>_ms = max(bytes / read_gbs, flops / gemm_gflops), the least time
+any kernel could take; <method>_roofline_share = that / the measured time; and
+roofline_speedup_vs_flat = roofline_flat_ms / roofline_cascade_ms, the largest speedup over the
+flat baseline that a kernel could show against a flat kernel running at its roofline.
 """
 from __future__ import annotations
 
@@ -137,6 +142,14 @@ def _case(device: str, dtype: torch.dtype, Hq: int, Hkv: int, D: int, P: int, N:
     bytes_shared = (P + N * own) * tok_bytes
     bytes_flat = N * (P + own) * tok_bytes
     cas, fl, sd = t_cas["best_s"], t_flat["best_s"], t_sdpa["best_s"]
+    # Both methods do the same multiply-adds (QK and PV for every query head and key); sharing
+    # only cuts the bytes. The roofline of each (common.roofline_ms) bounds the ratio any pair of
+    # kernels could show here: once the cascade is compute-bound, a flat kernel at its own
+    # roofline is at most bytes_flat / read bandwidth slower.
+    flops = 4 * N * Hq * (P + own) * D
+    cdt = torch.float32 if device == "cpu" else dtype  # CPU kernels compute in fp32
+    roof_cas = common.roofline_ms(bytes_shared, flops, device, cdt)
+    roof_flat = common.roofline_ms(bytes_flat, flops, device, cdt)
     row: dict[str, Any] = {
         "device": device, "dtype": str(dtype).replace("torch.", ""), "Hq": Hq, "Hkv": Hkv, "D": D,
         "P": P, "N": N, "own": own,
@@ -144,7 +157,13 @@ def _case(device: str, dtype: torch.dtype, Hq: int, Hkv: int, D: int, P: int, N:
         "sdpa_gather_ms": t_gather["best_s"] * 1e3, "plan_ms": plan_ms,
         "cascade_gbs": bytes_shared / cas / 1e9, "flat_gbs": bytes_flat / fl / 1e9,
         "copy_gbs": common.copy_bandwidth_gbs(device),
-        "cascade_gflops": 4 * N * Hq * (P + own) * D / cas / 1e9,
+        "cascade_gflops": flops / cas / 1e9,
+        "read_gbs": common.read_bandwidth_gbs(device),
+        "gemm_gflops": common.gemm_gflops(device, cdt),
+        "roofline_cascade_ms": roof_cas, "roofline_flat_ms": roof_flat,
+        "cascade_roofline_share": roof_cas / (cas * 1e3),
+        "flat_roofline_share": roof_flat / (fl * 1e3),
+        "roofline_speedup_vs_flat": roof_flat / roof_cas,
         "kv_mb_shared": bytes_shared / 1e6, "kv_mb_flat": bytes_flat / 1e6,
         "speedup_vs_flat": fl / cas, "speedup_vs_sdpa": sd / cas,
         "max_diff_vs_sdpa": float((out.float() - o_sdpa.float()).abs().max()),

@@ -31,32 +31,56 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10, min_time
     return {"median_s": statistics.median(times), "best_s": min(times), "iters": len(times)}
 
 
-_COPY_BW: dict[str, float] = {}
+_MEASURED: dict[str, float] = {}
 
 
 def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     """Measured read+write copy bandwidth (GB/s, counting bytes read + written) of this machine."""
-    if device in _COPY_BW:
-        return _COPY_BW[device]
+    if device in _MEASURED:
+        return _MEASURED[device]
     n = nbytes // 4
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     t = time_fn(lambda: dst.copy_(src), warmup=2, iters=8, sync=sync)
-    _COPY_BW[device] = 2 * nbytes / t["best_s"] / 1e9
-    return _COPY_BW[device]
+    _MEASURED[device] = 2 * nbytes / t["best_s"] / 1e9
+    return _MEASURED[device]
 
 
 def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     """Measured streaming read bandwidth (GB/s): a sum over a buffer larger than the caches."""
     key = "read:" + device
-    if key in _COPY_BW:
-        return _COPY_BW[key]
+    if key in _MEASURED:
+        return _MEASURED[key]
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     t = time_fn(lambda: x.sum(), warmup=2, iters=8, sync=sync)
-    _COPY_BW[key] = nbytes / t["best_s"] / 1e9
-    return _COPY_BW[key]
+    _MEASURED[key] = nbytes / t["best_s"] / 1e9
+    return _MEASURED[key]
+
+
+def gemm_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """Measured GEMM rate (GFLOP/s) of torch.mm at n x n x n: the practical peak of the machine's
+    multiply-add units for dtype, with which benchmarks bound what any kernel could reach
+    (roofline_ms). npr's CPU kernels compute in fp32 whatever the storage: pass float32 there."""
+    key = f"gemm:{device}:{dtype}"
+    if key in _MEASURED:
+        return _MEASURED[key]
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    t = time_fn(lambda: torch.mm(a, b, out=c), warmup=2, iters=8, sync=sync)
+    _MEASURED[key] = 2 * n**3 / t["best_s"] / 1e9
+    return _MEASURED[key]
+
+
+def roofline_ms(nbytes: float, flops: float, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+    """The least time (ms) a kernel could take to read nbytes from memory and do flops of
+    multiply-add work in dtype on this machine: max(bytes / measured read bandwidth, flops /
+    measured GEMM rate). Both rates are measured, so this is a practical bound, not a datasheet."""
+    return max(nbytes / read_bandwidth_gbs(device), flops / gemm_gflops(device, dtype)) / 1e6
 
 
 def machine() -> dict[str, Any]:

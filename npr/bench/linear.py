@@ -13,6 +13,11 @@ and noisy: a pass that meets a busy core loses milliseconds per call). Fields:
   GB_s, bw_share       weight bytes / time, and that over read_bw_GB_s
                        (npr.bench.common.read_bandwidth_gbs: torch's sum over 256 MiB)
   step: floor_ms       weight bytes / read_bw_GB_s; bw_share = floor_ms / ms (target >= 0.7)
+  roofline_ms          max(weight bytes / read bandwidth, 2 x rows x weights / measured fp32
+                       GEMM rate) (npr.bench.common.roofline_ms): the least time any kernel
+                       computing in fp32 could take; roofline_share = roofline_ms / ms
+  roofline_ratio_vs_1row  roofline_ms / the 1-row roofline_ms: the ratio_vs_1row of a kernel
+                       running every row count at its roofline (the best this machine allows)
 """
 from __future__ import annotations
 
@@ -230,6 +235,13 @@ def _finish(raw: list[dict], bw: float) -> list[dict]:
         else:
             row["bw_share"] = row["GB_s"] / bw
         row["read_bw_GB_s"] = bw
+        # fp32 multiply-adds whatever the storage: 2 FLOP per weight per row
+        params = wbytes / STORAGE[b["storage"]].itemsize
+        roof, roof1 = (common.roofline_ms(wbytes, 2 * r * params) for r in (b["rows"], f["rows"]))
+        row["gemm_GFLOP_s"] = common.gemm_gflops()
+        row["roofline_ms"] = roof
+        row["roofline_share"] = roof / b["ms"]
+        row["roofline_ratio_vs_1row"] = roof / roof1
         out.append(row)
     return out
 
@@ -241,7 +253,8 @@ def run(args) -> list[dict]:
         args.iters = min(args.iters, 5)
         args.repeat = 1
     bw = common.read_bandwidth_gbs()
-    print(f"read bandwidth {bw:.1f} GB/s, {torch.get_num_threads()} threads", flush=True)
+    print(f"read bandwidth {bw:.1f} GB/s, fp32 GEMM {common.gemm_gflops():.0f} GFLOP/s, "
+          f"{torch.get_num_threads()} threads", flush=True)
     raw: list[dict] = []
     for _ in range(max(1, args.repeat)):
         raw += _linear_raw(args)

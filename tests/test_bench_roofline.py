@@ -1,0 +1,66 @@
+"""Benchmarks bound their targets by a roofline from measured rates (npr.bench.common.roofline_ms):
+the formula, and the fields the attention and linear suites derive from it. The machine's rates
+are pinned here (monkeypatched), so the numbers are exact."""
+import math
+
+import pytest
+import torch
+
+from npr import _ext
+from npr.bench import attention, common, linear
+
+READ_GBS, GEMM_GFLOPS = 40.0, 170.0
+
+
+@pytest.fixture
+def rates(monkeypatch):
+    monkeypatch.setitem(common._MEASURED, "read:cpu", READ_GBS)
+    monkeypatch.setitem(common._MEASURED, f"gemm:cpu:{torch.float32}", GEMM_GFLOPS)
+
+
+def test_roofline_is_the_slower_of_memory_and_compute(rates):
+    assert common.roofline_ms(4e8, 1e8) == pytest.approx(10.0)  # 4e8 B / 40 GB/s: memory-bound
+    assert common.roofline_ms(4e6, 1.7e9) == pytest.approx(10.0)  # 1.7 GFLOP / 170: compute-bound
+
+
+def test_gemm_rate_is_measured_and_cached():
+    common._MEASURED.pop(f"gemm:cpu:{torch.float32}", None)
+    r = common.gemm_gflops(n=128)
+    assert math.isfinite(r) and r > 0.1
+    assert common.gemm_gflops(n=128) == r  # measured once per process
+
+
+def test_linear_rooflines_bf16_storage_cannot_reach_1p3x(rates):
+    """8 rows of a 4096 x 4096 bf16 weight: 33.6 MB read in 0.84 ms, but 268 MFLOP of fp32 FMAs
+    need 1.58 ms at 170 GFLOP/s: no fp32-compute kernel can run 8 rows in <= 1.3x one row here."""
+    k = n = 4096
+    raw = [{"case": "4096x4096", "storage": "bf16", "kernel": "packed", "rows": m, "ms": ms,
+            "torch_ms": None, "weight_bytes": 2 * k * n} for m, ms in ((1, 1.0), (8, 2.0))]
+    rows = {r["rows"]: r for r in linear._finish(raw, READ_GBS)}
+    mem_ms, fma8_ms = 2 * k * n / READ_GBS / 1e6, 2 * 8 * k * n / GEMM_GFLOPS / 1e6
+    assert rows[1]["roofline_ms"] == pytest.approx(mem_ms)
+    assert rows[8]["roofline_ms"] == pytest.approx(fma8_ms)
+    assert rows[8]["roofline_ratio_vs_1row"] == pytest.approx(fma8_ms / mem_ms)
+    assert rows[8]["roofline_ratio_vs_1row"] > 1.8
+    assert rows[8]["roofline_share"] == pytest.approx(fma8_ms / 2.0)
+    # fp32 storage: twice the bytes, same FLOPs: memory-bound at 8 rows too
+    raw32 = [dict(r, storage="fp32", weight_bytes=4 * k * n) for r in raw]
+    rows32 = {r["rows"]: r for r in linear._finish(raw32, READ_GBS)}
+    assert rows32[8]["roofline_ratio_vs_1row"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
+def test_attention_case_reports_rooflines(rates):
+    P, N, own, Hq, Hkv, D = 256, 4, 32, 4, 2, 64
+    row = attention._case("cpu", torch.float32, Hq, Hkv, D, P, N, own, 16, iters=1)
+    flops = 4 * N * Hq * (P + own) * D
+    for method, mb in (("cascade", row["kv_mb_shared"]), ("flat", row["kv_mb_flat"])):
+        expect = max(mb * 1e6 / READ_GBS, flops / GEMM_GFLOPS) / 1e6
+        assert row[f"roofline_{method}_ms"] == pytest.approx(expect)
+        assert row[f"{method}_roofline_share"] == pytest.approx(expect / row[f"{method}_ms"])
+    assert row["roofline_speedup_vs_flat"] == pytest.approx(
+        row["roofline_flat_ms"] / row["roofline_cascade_ms"])
+    # both do the same FLOPs, so the bound never exceeds the ratio of bytes held
+    bytes_ratio = row["kv_mb_flat"] / row["kv_mb_shared"]
+    assert 1.0 <= row["roofline_speedup_vs_flat"] <= bytes_ratio * (1 + 1e-9)
+    assert row["read_gbs"] == READ_GBS and row["gemm_gflops"] == GEMM_GFLOPS
