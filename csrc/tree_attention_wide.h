@@ -138,7 +138,14 @@ struct Wide {
     const float* kp[KT];
     const float* vp[KT];
     const R ninf = V::set1(TA_NEG_INF);
-    KeyTiles<T, KT> tiles(c, w, kvh, max_nv);
+    KeyTiles<T, KT> tiles(c, w, kvh, max_nv, /*spread=*/true);
+    // the next tile's prefetches go out spread over a full tile's score and accumulate calls
+    int calls = 0;
+    query_blocks(NV, [&](int64_t, auto nq_regs) {
+      constexpr int NQ = decltype(nq_regs)::value;
+      calls += (KT + ACC / NQ - 1) / (ACC / NQ) + static_cast<int>((D + V::value_cols(NQ) - 1) /
+                                                                   V::value_cols(NQ));
+    });
     for (int tok = 0, nt; (nt = tiles.advance()) > 0; tok += nt) {
       for (int j = 0; j < nt; ++j) {
         if constexpr (std::is_same_v<T, float>) {
@@ -156,8 +163,10 @@ struct Wide {
       query_blocks(NV, [&](int64_t mv, auto nq_regs) {
         constexpr int NQ = decltype(nq_regs)::value;
         constexpr int JB = ACC / NQ;
-        for (int j = 0; j < nt; j += JB)
+        for (int j = 0; j < nt; j += JB) {
           scores<NQ>(Qt + L * mv, Mp, kp + j, D, St + j * Mp + L * mv);
+          tiles.prefetch_share(calls);
+        }
       });
 
       // online softmax over the tile, L queries per register; key j is visible to query m when
@@ -191,8 +200,10 @@ struct Wide {
       query_blocks(NV, [&](int64_t mv, auto nq_regs) {
         constexpr int NQ = decltype(nq_regs)::value;
         constexpr int DB = V::value_cols(NQ);
-        for (int64_t d0 = 0; d0 < D; d0 += DB)
+        for (int64_t d0 = 0; d0 < D; d0 += DB) {
           accumulate<NQ, DB>(Ot + L * mv, Mp, St + L * mv, vp, nt, d0, s.alpha.data() + L * mv);
+          tiles.prefetch_share(calls);
+        }
       });
     }
 
