@@ -10,8 +10,9 @@ query per row, the last own position). Baselines, on the same rows and queries:
 Times are the best of --iters runs (this VM's timings vary run to run; ratios are side by side).
 GB/s = KV bytes the method must read (the shared prefix once for cascade) / time; copy_gbs is the
 machine's measured copy bandwidth (read + write) for scale.
-Roofline (npr.bench.common.roofline_ms, from the measured read bandwidth read_gbs and GEMM rate
-gemm_gflops): roofline_<method>_ms = max(bytes / read_gbs, flops / gemm_gflops), the least time
+Roofline (npr.bench.common.roofline_ms, from the read bandwidth read_gbs and GEMM rate
+gemm_gflops, each the best of measurements before and after the cases):
+roofline_<method>_ms = max(bytes / read_gbs, flops / gemm_gflops), the least time
 any kernel could take; <method>_roofline_share = that / the measured time; and
 roofline_speedup_vs_flat = roofline_flat_ms / roofline_cascade_ms, the largest speedup over the
 flat baseline that a kernel could show against a flat kernel running at its roofline.
@@ -142,14 +143,6 @@ def _case(device: str, dtype: torch.dtype, Hq: int, Hkv: int, D: int, P: int, N:
     bytes_shared = (P + N * own) * tok_bytes
     bytes_flat = N * (P + own) * tok_bytes
     cas, fl, sd = t_cas["best_s"], t_flat["best_s"], t_sdpa["best_s"]
-    # Both methods do the same multiply-adds (QK and PV for every query head and key); sharing
-    # only cuts the bytes. The roofline of each (common.roofline_ms) bounds the ratio any pair of
-    # kernels could show here: once the cascade is compute-bound, a flat kernel at its own
-    # roofline is at most bytes_flat / read bandwidth slower.
-    flops = 4 * N * Hq * (P + own) * D
-    cdt = torch.float32 if device == "cpu" else dtype  # CPU kernels compute in fp32
-    roof_cas = common.roofline_ms(bytes_shared, flops, device, cdt)
-    roof_flat = common.roofline_ms(bytes_flat, flops, device, cdt)
     row: dict[str, Any] = {
         "device": device, "dtype": str(dtype).replace("torch.", ""), "Hq": Hq, "Hkv": Hkv, "D": D,
         "P": P, "N": N, "own": own,
@@ -157,13 +150,7 @@ def _case(device: str, dtype: torch.dtype, Hq: int, Hkv: int, D: int, P: int, N:
         "sdpa_gather_ms": t_gather["best_s"] * 1e3, "plan_ms": plan_ms,
         "cascade_gbs": bytes_shared / cas / 1e9, "flat_gbs": bytes_flat / fl / 1e9,
         "copy_gbs": common.copy_bandwidth_gbs(device),
-        "cascade_gflops": flops / cas / 1e9,
-        "read_gbs": common.read_bandwidth_gbs(device),
-        "gemm_gflops": common.gemm_gflops(device, cdt),
-        "roofline_cascade_ms": roof_cas, "roofline_flat_ms": roof_flat,
-        "cascade_roofline_share": roof_cas / (cas * 1e3),
-        "flat_roofline_share": roof_flat / (fl * 1e3),
-        "roofline_speedup_vs_flat": roof_flat / roof_cas,
+        "cascade_gflops": _flops(Hq, D, P, N, own) / cas / 1e9,
         "kv_mb_shared": bytes_shared / 1e6, "kv_mb_flat": bytes_flat / 1e6,
         "speedup_vs_flat": fl / cas, "speedup_vs_sdpa": sd / cas,
         "max_diff_vs_sdpa": float((out.float() - o_sdpa.float()).abs().max()),
@@ -178,6 +165,31 @@ def _case(device: str, dtype: torch.dtype, Hq: int, Hkv: int, D: int, P: int, N:
         else:
             row["flashinfer"] = err
     return row
+
+
+def _flops(Hq: int, D: int, P: int, N: int, own: int) -> int:
+    """Multiply-add FLOPs of one decode call, the same for every method: QK and PV for each of
+    the N rows' Hq heads over its P + own keys."""
+    return 4 * N * Hq * (P + own) * D
+
+
+def _add_rooflines(row: dict[str, Any]) -> None:
+    """Roofline fields of a case (common.roofline_ms, from the best rates measured so far).
+    Sharing only cuts bytes, so once the cascade is compute-bound a flat kernel at its own
+    roofline is at most roofline_speedup_vs_flat slower."""
+    device = row["device"]
+    cdt = torch.float32 if device == "cpu" else getattr(torch, row["dtype"])  # CPU: fp32 math
+    flops = _flops(row["Hq"], row["D"], row["P"], row["N"], row["own"])
+    roof_cas = common.roofline_ms(row["kv_mb_shared"] * 1e6, flops, device, cdt)
+    roof_flat = common.roofline_ms(row["kv_mb_flat"] * 1e6, flops, device, cdt)
+    row.update({
+        "read_gbs": common.read_bandwidth_gbs(device),
+        "gemm_gflops": common.gemm_gflops(device, cdt),
+        "roofline_cascade_ms": roof_cas, "roofline_flat_ms": roof_flat,
+        "cascade_roofline_share": roof_cas / row["cascade_ms"],
+        "flat_roofline_share": roof_flat / row["flat_ms"],
+        "roofline_speedup_vs_flat": roof_flat / roof_cas,
+    })
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -198,9 +210,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
         for dtype in dtypes:
+            rate_dtype = torch.float32 if device == "cpu" else dtype  # CPU kernels: fp32 math
+            common.refresh_rooflines(device, rate_dtype)
             for Hq, Hkv, D in dims:
                 for P in prefixes:
                     for N in sibs:
                         rows.append(_case(device, dtype, Hq, Hkv, D, P, N, args.own,
                                           args.block_size, iters))
+            common.refresh_rooflines(device, rate_dtype)  # the best of before and after
+    for row in rows:
+        _add_rooflines(row)
     return rows

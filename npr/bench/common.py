@@ -47,39 +47,57 @@ def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     return _MEASURED[device]
 
 
-def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
-    """Measured streaming read bandwidth (GB/s): a sum over a buffer larger than the caches."""
+def _keep_best(key: str, value: float) -> float:
+    """Stores the best of this process's measurements of key: the VM's bandwidth drifts by up to
+    ~1.6x within minutes, and a floor must not be slower than what the machine has shown."""
+    _MEASURED[key] = max(value, _MEASURED.get(key, 0.0))
+    return _MEASURED[key]
+
+
+def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20,
+                       refresh: bool = False) -> float:
+    """Measured streaming read bandwidth (GB/s): a sum over a buffer larger than the caches (on
+    this VM within ~5% of a hand-written AVX2 stream). Measured once per process, again on
+    refresh; the best measurement is returned."""
     key = "read:" + device
-    if key in _MEASURED:
+    if key in _MEASURED and not refresh:
         return _MEASURED[key]
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     t = time_fn(lambda: x.sum(), warmup=2, iters=8, sync=sync)
-    _MEASURED[key] = nbytes / t["best_s"] / 1e9
-    return _MEASURED[key]
+    return _keep_best(key, nbytes / t["best_s"] / 1e9)
 
 
-def gemm_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+def gemm_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
+                refresh: bool = False) -> float:
     """Measured GEMM rate (GFLOP/s) of torch.mm at n x n x n: the practical peak of the machine's
     multiply-add units for dtype, with which benchmarks bound what any kernel could reach
-    (roofline_ms). npr's CPU kernels compute in fp32 whatever the storage: pass float32 there."""
+    (roofline_ms). npr's CPU kernels compute in fp32 whatever the storage: pass float32 there.
+    Measured once per process, again on refresh; the best measurement is returned."""
     key = f"gemm:{device}:{dtype}"
-    if key in _MEASURED:
+    if key in _MEASURED and not refresh:
         return _MEASURED[key]
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
     t = time_fn(lambda: torch.mm(a, b, out=c), warmup=2, iters=8, sync=sync)
-    _MEASURED[key] = 2 * n**3 / t["best_s"] / 1e9
-    return _MEASURED[key]
+    return _keep_best(key, 2 * n**3 / t["best_s"] / 1e9)
+
+
+def refresh_rooflines(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    """Measures the read bandwidth and GEMM rate again (keeping the best): benchmarks call this
+    between and after their passes, then derive roofline fields from the best rates."""
+    read_bandwidth_gbs(device, refresh=True)
+    gemm_gflops(device, dtype, refresh=True)
 
 
 def roofline_ms(nbytes: float, flops: float, device: str = "cpu",
                 dtype: torch.dtype = torch.float32) -> float:
     """The least time (ms) a kernel could take to read nbytes from memory and do flops of
     multiply-add work in dtype on this machine: max(bytes / measured read bandwidth, flops /
-    measured GEMM rate). Both rates are measured, so this is a practical bound, not a datasheet."""
+    measured GEMM rate). Both rates are measured (the best so far in this process), so this is
+    a practical bound, not a datasheet."""
     return max(nbytes / read_bandwidth_gbs(device), flops / gemm_gflops(device, dtype)) / 1e6
 
 

@@ -11,7 +11,8 @@ and noisy: a pass that meets a busy core loses milliseconds per call). Fields:
                        otherwise; torch's bf16 GEMM is far slower than fp32 on this CPU)
   ratio_vs_1row        time(M) / time(1 row) of the same kernel and storage (target <= 1.3 at 8)
   GB_s, bw_share       weight bytes / time, and that over read_bw_GB_s
-                       (npr.bench.common.read_bandwidth_gbs: torch's sum over 256 MiB)
+                       (npr.bench.common.read_bandwidth_gbs: torch's sum over 256 MiB, the
+                       best of measurements before and after each pass)
   step: floor_ms       weight bytes / read_bw_GB_s; bw_share = floor_ms / ms (target >= 0.7)
   roofline_ms          max(weight bytes / read bandwidth, 2 x rows x weights / measured fp32
                        GEMM rate) (npr.bench.common.roofline_ms): the least time any kernel
@@ -252,12 +253,14 @@ def run(args) -> list[dict]:
         args.shapes = "576->1536,4096x4096"
         args.iters = min(args.iters, 5)
         args.repeat = 1
-    bw = common.read_bandwidth_gbs()
-    print(f"read bandwidth {bw:.1f} GB/s, fp32 GEMM {common.gemm_gflops():.0f} GFLOP/s, "
-          f"{torch.get_num_threads()} threads", flush=True)
+    common.refresh_rooflines()
     raw: list[dict] = []
     for _ in range(max(1, args.repeat)):
+        print(f"read bandwidth {common.read_bandwidth_gbs():.1f} GB/s, fp32 GEMM "
+              f"{common.gemm_gflops():.0f} GFLOP/s (best so far), {torch.get_num_threads()} "
+              "threads", flush=True)
         raw += _linear_raw(args)
         if not args.no_step:
             raw += _step_raw(args)
-    return _finish(raw, bw)
+        common.refresh_rooflines()  # the VM drifts: floors use the best rate of the run
+    return _finish(raw, common.read_bandwidth_gbs())
