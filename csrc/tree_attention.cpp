@@ -202,7 +202,7 @@ void run_task_tiles(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
   std::fill(s.mrow.begin(), s.mrow.begin() + M, NEG_INF);
   std::fill(s.lrow.begin(), s.lrow.begin() + M, 0.f);
   const __m256 lane = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
-  KeyTiles<T, KT> tiles(c, w, kvh, max_nv, /*spread=*/true);
+  KeyTiles<T, KT> tiles(c, w, kvh, max_nv);
   for (int tok = 0, nt; (nt = tiles.advance()) > 0; tok += nt) {
     const T* const* kraw = tiles.k();
     const T* const* vraw = tiles.v();

@@ -49,20 +49,17 @@ inline void to_f32(const T* src, float* dst, int64_t D, float mul) {
 // The first `total` keys of item w for kv head kvh, in tiles of up to KT rows. Rows of one cache
 // block are contiguous but consecutive blocks of a head are far apart, so tiles are gathered one
 // ahead and tile i+1's rows are prefetched into L2 (measured best of T0 / T1 / NTA here) while
-// tile i is computed. Two ways:
-//   burst (default)  advance() prefetches all of tile i+1 at once: right when compute dominates
-//                    (the wide kernel: many queries per key);
-//   spread           advance() only queues them, and the kernel issues a share of them at each
-//                    of `calls` points of its compute (prefetch_share()). A memory-bound kernel
-//                    needs this: a burst of 128 prefetches overflows the core's miss buffers and
-//                    most of it is lost, so the next tile is demand-missed with little overlap.
-//                    The row kernel measured 1.45-1.6x faster this way on rows that stream
-//                    from memory (one 8K- or 32K-token row; 8 flat rows of 8K tokens).
+// tile i is computed: the kernel calls prefetch_share(calls) at `calls` points of each tile's
+// compute, and each call issues its share of the next tile's lines. Issued as one burst per
+// tile instead (128 lines for 8 keys of D = 128 fp32), the prefetches bought little overlap: the
+// row kernel took longer than its compute plus a bare walk of the same lines, one after the
+// other (18 vs 5.5 + 7.6 ms, 8 flat rows of 8K tokens); spread, it takes 11 ms (one 8K- or
+// 32K-token row: 1.45-1.6x faster; the wide kernel's memory-heavy cascades 1.15-1.4x).
 template <typename T, int KT>
 class KeyTiles {
  public:
-  KeyTiles(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh, int total, bool spread = false)
-      : c_(c), kvh_(kvh), e_(c.item_ents[2 * w]), total_(total), spread_(spread),
+  KeyTiles(const TreeAttentionCtx<T>& c, int64_t w, int64_t kvh, int total)
+      : c_(c), kvh_(kvh), e_(c.item_ents[2 * w]), total_(total),
         row_bytes_(c.D * static_cast<int64_t>(sizeof(T))) {
     next_n_ = gather(kn_, vn_);
   }
@@ -74,11 +71,10 @@ class KeyTiles {
     next_n_ = gather(kn_, vn_);
     pf_row_ = 0;
     pf_byte_ = 0;
-    if (!spread_) prefetch_lines(std::numeric_limits<int>::max());
     return n_;
   }
-  // Spread mode: issues about 1/calls of the next tile's prefetches (call it `calls` times per
-  // tile; what is left when the tile ends is dropped: those rows will be demand-loaded).
+  // Issues about 1/calls of the next tile's prefetches; call it `calls` times per tile (lines
+  // left when the tile ends are not prefetched: those rows will be demand-loaded).
   void prefetch_share(int calls) {
     const int64_t lines = 2 * next_n_ * ((row_bytes_ + 63) / 64);
     prefetch_lines(static_cast<int>((lines + calls - 1) / std::max(calls, 1)));
@@ -125,7 +121,6 @@ class KeyTiles {
   const TreeAttentionCtx<T>& c_;
   int64_t kvh_, e_;
   int off_ = 0, gathered_ = 0, total_, n_ = 0, next_n_ = 0;
-  bool spread_;
   int64_t row_bytes_, pf_byte_ = 0;
   int pf_row_ = 0;
   const T* bufs_[4][KT];

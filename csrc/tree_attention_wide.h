@@ -138,7 +138,7 @@ struct Wide {
     const float* kp[KT];
     const float* vp[KT];
     const R ninf = V::set1(TA_NEG_INF);
-    KeyTiles<T, KT> tiles(c, w, kvh, max_nv, /*spread=*/true);
+    KeyTiles<T, KT> tiles(c, w, kvh, max_nv);
     // the next tile's prefetches go out spread over a full tile's score and accumulate calls
     int calls = 0;
     query_blocks(NV, [&](int64_t, auto nq_regs) {

@@ -1,6 +1,6 @@
 """Benchmarks bound their targets by a roofline from measured rates (npr.bench.common.roofline_ms):
 the formula, and the fields the attention and linear suites derive from it. The machine's rates
-are pinned here (monkeypatched), so the numbers are exact."""
+are given here, so the numbers are exact."""
 import math
 
 import pytest
@@ -12,36 +12,26 @@ from npr.bench import attention, common, linear
 READ_GBS, GEMM_GFLOPS = 40.0, 170.0
 
 
-@pytest.fixture
-def rates(monkeypatch):
-    monkeypatch.setitem(common._MEASURED, "read:cpu", READ_GBS)
-    monkeypatch.setitem(common._MEASURED, f"gemm:cpu:{torch.float32}", GEMM_GFLOPS)
+def test_roofline_is_the_slower_of_memory_and_compute():
+    assert common.roofline_ms(4e8, 1e8, READ_GBS, GEMM_GFLOPS) == pytest.approx(10.0)  # memory
+    assert common.roofline_ms(4e6, 1.7e9, READ_GBS, GEMM_GFLOPS) == pytest.approx(10.0)  # FMA
 
 
-def test_roofline_is_the_slower_of_memory_and_compute(rates):
-    assert common.roofline_ms(4e8, 1e8) == pytest.approx(10.0)  # 4e8 B / 40 GB/s: memory-bound
-    assert common.roofline_ms(4e6, 1.7e9) == pytest.approx(10.0)  # 1.7 GFLOP / 170: compute-bound
+def test_rates_are_measured_fresh_around_a_run():
+    calls = []
+    out, read, gemm = common.rates_around("cpu", torch.float32, lambda: calls.append(1) or 7)
+    assert out == 7 and calls == [1]
+    assert math.isfinite(read) and read > 0.1 and math.isfinite(gemm) and gemm > 0.1
 
 
-def test_rates_are_measured_once_and_refresh_keeps_the_best(monkeypatch):
-    key = f"gemm:cpu:{torch.float32}"
-    monkeypatch.delitem(common._MEASURED, key, raising=False)
-    r = common.gemm_gflops(n=128)
-    assert math.isfinite(r) and r > 0.1
-    assert common.gemm_gflops(n=128) == r  # measured once per process
-    common._MEASURED[key] = 1e12  # better than any real measurement: refresh must keep it
-    assert common.gemm_gflops(n=128, refresh=True) == 1e12
-    common._MEASURED[key] = 1e-3  # worse: refresh replaces it
-    assert 0.1 < common.gemm_gflops(n=128, refresh=True) < 1e12
-
-
-def test_linear_rooflines_bf16_storage_cannot_reach_1p3x(rates):
+def test_linear_rooflines_bf16_storage_cannot_reach_1p3x():
     """8 rows of a 4096 x 4096 bf16 weight: 33.6 MB read in 0.84 ms, but 268 MFLOP of fp32 FMAs
     need 1.58 ms at 170 GFLOP/s: no fp32-compute kernel can run 8 rows in <= 1.3x one row here."""
     k = n = 4096
     raw = [{"case": "4096x4096", "storage": "bf16", "kernel": "packed", "rows": m, "ms": ms,
-            "torch_ms": None, "weight_bytes": 2 * k * n} for m, ms in ((1, 1.0), (8, 2.0))]
-    rows = {r["rows"]: r for r in linear._finish(raw, READ_GBS)}
+            "torch_ms": None, "weight_bytes": 2 * k * n, "read_gbs": READ_GBS,
+            "gemm_gflops": GEMM_GFLOPS} for m, ms in ((1, 1.0), (8, 2.0))]
+    rows = {r["rows"]: r for r in linear._finish(raw)}
     mem_ms, fma8_ms = 2 * k * n / READ_GBS / 1e6, 2 * 8 * k * n / GEMM_GFLOPS / 1e6
     assert rows[1]["roofline_ms"] == pytest.approx(mem_ms)
     assert rows[8]["roofline_ms"] == pytest.approx(fma8_ms)
@@ -50,14 +40,15 @@ def test_linear_rooflines_bf16_storage_cannot_reach_1p3x(rates):
     assert rows[8]["roofline_share"] == pytest.approx(fma8_ms / 2.0)
     # fp32 storage: twice the bytes, same FLOPs: memory-bound at 8 rows too
     raw32 = [dict(r, storage="fp32", weight_bytes=4 * k * n) for r in raw]
-    rows32 = {r["rows"]: r for r in linear._finish(raw32, READ_GBS)}
+    rows32 = {r["rows"]: r for r in linear._finish(raw32)}
     assert rows32[8]["roofline_ratio_vs_1row"] == pytest.approx(1.0)
 
 
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
-def test_attention_case_reports_rooflines(rates):
+def test_attention_case_reports_rooflines():
     P, N, own, Hq, Hkv, D = 256, 4, 32, 4, 2, 64
     row = attention._case("cpu", torch.float32, Hq, Hkv, D, P, N, own, 16, iters=1)
+    row.update(read_gbs=READ_GBS, gemm_gflops=GEMM_GFLOPS)
     attention._add_rooflines(row)
     flops = 4 * N * Hq * (P + own) * D
     for method, mb in (("cascade", row["kv_mb_shared"]), ("flat", row["kv_mb_flat"])):
@@ -69,4 +60,3 @@ def test_attention_case_reports_rooflines(rates):
     # both do the same FLOPs, so the bound never exceeds the ratio of bytes held
     bytes_ratio = row["kv_mb_flat"] / row["kv_mb_shared"]
     assert 1.0 <= row["roofline_speedup_vs_flat"] <= bytes_ratio * (1 + 1e-9)
-    assert row["read_gbs"] == READ_GBS and row["gemm_gflops"] == GEMM_GFLOPS

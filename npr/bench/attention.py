@@ -11,7 +11,7 @@ Times are the best of --iters runs (this VM's timings vary run to run; ratios ar
 GB/s = KV bytes the method must read (the shared prefix once for cascade) / time; copy_gbs is the
 machine's measured copy bandwidth (read + write) for scale.
 Roofline (npr.bench.common.roofline_ms, from the read bandwidth read_gbs and GEMM rate
-gemm_gflops, each the best of measurements before and after the cases):
+gemm_gflops, each the best of measurements just before and just after the case):
 roofline_<method>_ms = max(bytes / read_gbs, flops / gemm_gflops), the least time
 any kernel could take; <method>_roofline_share = that / the measured time; and
 roofline_speedup_vs_flat = roofline_flat_ms / roofline_cascade_ms, the largest speedup over the
@@ -174,17 +174,14 @@ def _flops(Hq: int, D: int, P: int, N: int, own: int) -> int:
 
 
 def _add_rooflines(row: dict[str, Any]) -> None:
-    """Roofline fields of a case (common.roofline_ms, from the best rates measured so far).
-    Sharing only cuts bytes, so once the cascade is compute-bound a flat kernel at its own
-    roofline is at most roofline_speedup_vs_flat slower."""
-    device = row["device"]
-    cdt = torch.float32 if device == "cpu" else getattr(torch, row["dtype"])  # CPU: fp32 math
+    """Roofline fields of a case (common.roofline_ms) from the rates in row["read_gbs"] and
+    row["gemm_gflops"]. Sharing only cuts bytes, so once the cascade is compute-bound a flat
+    kernel at its own roofline is at most roofline_speedup_vs_flat slower."""
     flops = _flops(row["Hq"], row["D"], row["P"], row["N"], row["own"])
-    roof_cas = common.roofline_ms(row["kv_mb_shared"] * 1e6, flops, device, cdt)
-    roof_flat = common.roofline_ms(row["kv_mb_flat"] * 1e6, flops, device, cdt)
+    rates = (row["read_gbs"], row["gemm_gflops"])
+    roof_cas = common.roofline_ms(row["kv_mb_shared"] * 1e6, flops, *rates)
+    roof_flat = common.roofline_ms(row["kv_mb_flat"] * 1e6, flops, *rates)
     row.update({
-        "read_gbs": common.read_bandwidth_gbs(device),
-        "gemm_gflops": common.gemm_gflops(device, cdt),
         "roofline_cascade_ms": roof_cas, "roofline_flat_ms": roof_flat,
         "cascade_roofline_share": roof_cas / row["cascade_ms"],
         "flat_roofline_share": roof_flat / row["flat_ms"],
@@ -211,13 +208,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
         for dtype in dtypes:
             rate_dtype = torch.float32 if device == "cpu" else dtype  # CPU kernels: fp32 math
-            common.refresh_rooflines(device, rate_dtype)
             for Hq, Hkv, D in dims:
                 for P in prefixes:
                     for N in sibs:
-                        rows.append(_case(device, dtype, Hq, Hkv, D, P, N, args.own,
-                                          args.block_size, iters))
-            common.refresh_rooflines(device, rate_dtype)  # the best of before and after
-    for row in rows:
-        _add_rooflines(row)
+                        row, read, gemm = common.rates_around(
+                            device, rate_dtype, lambda: _case(device, dtype, Hq, Hkv, D, P, N,
+                                                              args.own, args.block_size, iters))
+                        row.update(read_gbs=read, gemm_gflops=gemm)
+                        _add_rooflines(row)
+                        rows.append(row)
     return rows

@@ -47,58 +47,52 @@ def copy_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
     return _MEASURED[device]
 
 
-def _keep_best(key: str, value: float) -> float:
-    """Stores the best of this process's measurements of key: the VM's bandwidth drifts by up to
-    ~1.6x within minutes, and a floor must not be slower than what the machine has shown."""
-    _MEASURED[key] = max(value, _MEASURED.get(key, 0.0))
+def _read_gbs(device: str, nbytes: int, iters: int) -> float:
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else None
+    return nbytes / time_fn(lambda: x.sum(), warmup=2, iters=iters, sync=sync)["best_s"] / 1e9
+
+
+def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
+    """Measured streaming read bandwidth (GB/s): a sum over a buffer larger than the caches (on
+    this VM within ~5% of a hand-written AVX2 stream). Measured once per process."""
+    key = "read:" + device
+    if key not in _MEASURED:
+        _MEASURED[key] = _read_gbs(device, nbytes, iters=8)
     return _MEASURED[key]
 
 
-def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20,
-                       refresh: bool = False) -> float:
-    """Measured streaming read bandwidth (GB/s): a sum over a buffer larger than the caches (on
-    this VM within ~5% of a hand-written AVX2 stream). Measured once per process, again on
-    refresh; the best measurement is returned."""
-    key = "read:" + device
-    if key in _MEASURED and not refresh:
-        return _MEASURED[key]
-    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else None
-    t = time_fn(lambda: x.sum(), warmup=2, iters=8, sync=sync)
-    return _keep_best(key, nbytes / t["best_s"] / 1e9)
-
-
-def gemm_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024,
-                refresh: bool = False) -> float:
-    """Measured GEMM rate (GFLOP/s) of torch.mm at n x n x n: the practical peak of the machine's
-    multiply-add units for dtype, with which benchmarks bound what any kernel could reach
-    (roofline_ms). npr's CPU kernels compute in fp32 whatever the storage: pass float32 there.
-    Measured once per process, again on refresh; the best measurement is returned."""
-    key = f"gemm:{device}:{dtype}"
-    if key in _MEASURED and not refresh:
-        return _MEASURED[key]
+def measure_rates(device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+    """(read GB/s, GEMM GFLOP/s) measured now, not cached: the VM's bandwidth drifts by up to
+    ~1.9x within minutes (32-62 GB/s in one session), so a roofline must use rates measured next
+    to the case it bounds. GEMM: torch.mm at 1024^3 in dtype, a practical reference for the
+    multiply-add units, not a strict peak (npr's packed linear has run 8% above it here). npr's
+    CPU kernels compute in fp32 whatever the storage: pass float32 for them."""
+    read = _read_gbs(device, 256 << 20, iters=5)
+    n = 1024
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     c = torch.empty(n, n, device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else None
-    t = time_fn(lambda: torch.mm(a, b, out=c), warmup=2, iters=8, sync=sync)
-    return _keep_best(key, 2 * n**3 / t["best_s"] / 1e9)
+    t = time_fn(lambda: torch.mm(a, b, out=c), warmup=2, iters=5, sync=sync)
+    return read, 2 * n**3 / t["best_s"] / 1e9
 
 
-def refresh_rooflines(device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-    """Measures the read bandwidth and GEMM rate again (keeping the best): benchmarks call this
-    between and after their passes, then derive roofline fields from the best rates."""
-    read_bandwidth_gbs(device, refresh=True)
-    gemm_gflops(device, dtype, refresh=True)
+def rates_around(device: str, dtype: torch.dtype,
+                 run: Callable[[], Any]) -> tuple[Any, float, float]:
+    """run()'s result and the best (read GB/s, GEMM GFLOP/s) of measurements just before and
+    just after it: the rates the machine had while the cases in run() were timed."""
+    r0, g0 = measure_rates(device, dtype)
+    out = run()
+    r1, g1 = measure_rates(device, dtype)
+    return out, max(r0, r1), max(g0, g1)
 
 
-def roofline_ms(nbytes: float, flops: float, device: str = "cpu",
-                dtype: torch.dtype = torch.float32) -> float:
+def roofline_ms(nbytes: float, flops: float, read_gbs: float, gemm_gflops: float) -> float:
     """The least time (ms) a kernel could take to read nbytes from memory and do flops of
-    multiply-add work in dtype on this machine: max(bytes / measured read bandwidth, flops /
-    measured GEMM rate). Both rates are measured (the best so far in this process), so this is
-    a practical bound, not a datasheet."""
-    return max(nbytes / read_bandwidth_gbs(device), flops / gemm_gflops(device, dtype)) / 1e6
+    multiply-add work on a machine that streams read_gbs and multiplies at gemm_gflops (both
+    measured: a practical bound, not a datasheet): max(bytes / bandwidth, flops / rate)."""
+    return max(nbytes / read_gbs, flops / gemm_gflops) / 1e6
 
 
 def machine() -> dict[str, Any]:

@@ -10,9 +10,9 @@ and noisy: a pass that meets a busy core loses milliseconds per call). Fields:
   ms / torch_ms        this kernel / F.linear with fp32 weights (what the model would run
                        otherwise; torch's bf16 GEMM is far slower than fp32 on this CPU)
   ratio_vs_1row        time(M) / time(1 row) of the same kernel and storage (target <= 1.3 at 8)
-  GB_s, bw_share       weight bytes / time, and that over read_bw_GB_s
-                       (npr.bench.common.read_bandwidth_gbs: torch's sum over 256 MiB, the
-                       best of measurements before and after each pass)
+  GB_s, bw_share       weight bytes / time, and that over read_bw_GB_s (torch's sum over 256
+                       MiB, the best of measurements just before and after the shape's cases:
+                       npr.bench.common.rates_around; gemm_GFLOP_s likewise, torch.mm fp32)
   step: floor_ms       weight bytes / read_bw_GB_s; bw_share = floor_ms / ms (target >= 0.7)
   roofline_ms          max(weight bytes / read bandwidth, 2 x rows x weights / measured fp32
                        GEMM rate) (npr.bench.common.roofline_ms): the least time any kernel
@@ -75,31 +75,41 @@ def _copies(n: int, k: int, dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.randn(n, k).to(dtype) for _ in range(count)]
 
 
+def _with_rates(cases: Callable[[], list[dict]]) -> list[dict]:
+    """cases()'s rows, each given the read bandwidth and fp32 GEMM rate measured just before and
+    after them (common.rates_around: the VM drifts, so each group of cases gets its own)."""
+    rows, read, gemm = common.rates_around("cpu", torch.float32, cases)
+    return [dict(r, read_gbs=read, gemm_gflops=gemm) for r in rows]
+
+
 def _linear_raw(args) -> list[dict]:
-    """One pass: {case, storage, kernel, rows, ms, torch_ms, weight_bytes} per case."""
+    """One pass: {case, storage, kernel, rows, ms, torch_ms, weight_bytes, read_gbs,
+    gemm_gflops} per case."""
+    return [r for name in args.shapes.split(",")
+            for r in _with_rates(lambda name=name: _shape_raw(args, name))]
+
+
+def _shape_raw(args, name: str) -> list[dict]:
     rows_list = [int(r) for r in args.rows.split(",")]
+    k, n = SHAPES[name]
+    w32 = _copies(n, k, torch.float32)
+    torch_ms: dict[int, float] = {}
     out: list[dict] = []
-    for name in args.shapes.split(","):
-        k, n = SHAPES[name]
-        w32 = _copies(n, k, torch.float32)
-        torch_ms: dict[int, float] = {}
-        for sname in args.storage.split(","):
-            dtype = STORAGE[sname]
-            plain = w32 if dtype == torch.float32 else [w.to(dtype) for w in w32]
-            wbytes = n * k * plain[0].element_size()
-            for kname in args.kernels.split(","):
-                ws = plain if kname == "plain" else [ops.pack_linear_weight(w) for w in plain]
-                for m in rows_list:
-                    x = torch.randn(m, k)
-                    ms = _best_ms([lambda w=w: ops.linear(x, w) for w in ws], args.iters)
-                    if not args.no_torch and m not in torch_ms:
-                        torch_ms[m] = _best_ms([lambda w=w: F.linear(x, w) for w in w32],
-                                               args.iters)
-                    out.append({"case": name, "storage": sname, "kernel": kname, "rows": m,
-                                "ms": ms, "torch_ms": torch_ms.get(m), "weight_bytes": wbytes})
-                del ws
-            del plain
-        del w32
+    for sname in args.storage.split(","):
+        dtype = STORAGE[sname]
+        plain = w32 if dtype == torch.float32 else [w.to(dtype) for w in w32]
+        wbytes = n * k * plain[0].element_size()
+        for kname in args.kernels.split(","):
+            ws = plain if kname == "plain" else [ops.pack_linear_weight(w) for w in plain]
+            for m in rows_list:
+                x = torch.randn(m, k)
+                ms = _best_ms([lambda w=w: ops.linear(x, w) for w in ws], args.iters)
+                if not args.no_torch and m not in torch_ms:
+                    torch_ms[m] = _best_ms([lambda w=w: F.linear(x, w) for w in w32], args.iters)
+                out.append({"case": name, "storage": sname, "kernel": kname, "rows": m,
+                            "ms": ms, "torch_ms": torch_ms.get(m), "weight_bytes": wbytes})
+            del ws
+        del plain
     return out
 
 
@@ -205,14 +215,17 @@ def _step_raw(args) -> list[dict]:
     return out
 
 
-def _finish(raw: list[dict], bw: float) -> list[dict]:
-    """Best of the passes per case, then the derived fields."""
+def _finish(raw: list[dict]) -> list[dict]:
+    """Best of the passes per case (with the rates of that pass), then the derived fields."""
     best: dict[tuple, dict] = {}
     for r in raw:
         key = (r["case"], r["storage"], r["kernel"], r["rows"])
-        b = best.setdefault(key, dict(r))
-        b["ms"] = min(b["ms"], r["ms"])
-        if r["torch_ms"] is not None:
+        b = best.get(key)
+        if b is None or r["ms"] < b["ms"]:
+            tms = [x for x in (r["torch_ms"], b and b["torch_ms"]) if x is not None]
+            best[key] = b = dict(r)
+            b["torch_ms"] = min(tms) if tms else None
+        elif r["torch_ms"] is not None:
             b["torch_ms"] = min(b["torch_ms"] or r["torch_ms"], r["torch_ms"])
     first: dict[tuple, dict] = {}  # the fewest-rows case of each (case, storage, kernel)
     for key, b in best.items():
@@ -230,16 +243,18 @@ def _finish(raw: list[dict], bw: float) -> list[dict]:
             row["torch_ratio_vs_1row"] = b["torch_ms"] / f["torch_ms"]
         row["ratio_vs_1row"] = b["ms"] / f["ms"]
         row["GB_s"] = wbytes / b["ms"] / 1e6
+        bw, gemm = b["read_gbs"], b["gemm_gflops"]
         if b["case"] == "smollm2-step":
             row["floor_ms"] = wbytes / bw / 1e6
             row["bw_share"] = row["floor_ms"] / b["ms"]
         else:
             row["bw_share"] = row["GB_s"] / bw
         row["read_bw_GB_s"] = bw
+        row["gemm_GFLOP_s"] = gemm
         # fp32 multiply-adds whatever the storage: 2 FLOP per weight per row
         params = wbytes / STORAGE[b["storage"]].itemsize
-        roof, roof1 = (common.roofline_ms(wbytes, 2 * r * params) for r in (b["rows"], f["rows"]))
-        row["gemm_GFLOP_s"] = common.gemm_gflops()
+        roof, roof1 = (common.roofline_ms(wbytes, 2 * r * params, bw, gemm)
+                       for r in (b["rows"], f["rows"]))
         row["roofline_ms"] = roof
         row["roofline_share"] = roof / b["ms"]
         row["roofline_ratio_vs_1row"] = roof / roof1
@@ -253,14 +268,10 @@ def run(args) -> list[dict]:
         args.shapes = "576->1536,4096x4096"
         args.iters = min(args.iters, 5)
         args.repeat = 1
-    common.refresh_rooflines()
+    print(f"{torch.get_num_threads()} threads", flush=True)
     raw: list[dict] = []
     for _ in range(max(1, args.repeat)):
-        print(f"read bandwidth {common.read_bandwidth_gbs():.1f} GB/s, fp32 GEMM "
-              f"{common.gemm_gflops():.0f} GFLOP/s (best so far), {torch.get_num_threads()} "
-              "threads", flush=True)
         raw += _linear_raw(args)
         if not args.no_step:
-            raw += _step_raw(args)
-        common.refresh_rooflines()  # the VM drifts: floors use the best rate of the run
-    return _finish(raw, common.read_bandwidth_gbs())
+            raw += _with_rates(lambda: _step_raw(args))
+    return _finish(raw)
