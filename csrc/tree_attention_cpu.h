@@ -53,7 +53,7 @@ inline void to_f32(const T* src, float* dst, int64_t D, float mul) {
 // compute, and each call issues its share of the next tile's lines. Issued as one burst per
 // tile instead (128 lines for 8 keys of D = 128 fp32), the prefetches bought little overlap: the
 // row kernel took longer than its compute plus a bare walk of the same lines, one after the
-// other (18 vs 5.5 + 7.6 ms, 8 flat rows of 8K tokens); spread, it takes 11 ms (one 8K- or
+// other (17-18 vs 5.5 + 7.6 ms, 8 flat rows of 8K tokens); spread, it takes 11 ms (one 8K- or
 // 32K-token row: 1.45-1.6x faster; the wide kernel's memory-heavy cascades 1.15-1.4x).
 template <typename T, int KT>
 class KeyTiles {
@@ -76,8 +76,9 @@ class KeyTiles {
   // Issues about 1/calls of the next tile's prefetches; call it `calls` times per tile (lines
   // left when the tile ends are not prefetched: those rows will be demand-loaded).
   void prefetch_share(int calls) {
+    calls = std::max(calls, 1);
     const int64_t lines = 2 * next_n_ * ((row_bytes_ + 63) / 64);
-    prefetch_lines(static_cast<int>((lines + calls - 1) / std::max(calls, 1)));
+    prefetch_lines(static_cast<int>((lines + calls - 1) / calls));
   }
   const T* const* k() const { return k_; }
   const T* const* v() const { return v_; }
@@ -109,13 +110,23 @@ class KeyTiles {
   // Prefetches up to `lines` cache lines (K and V in turn) of the next tile from the cursor on.
   void prefetch_lines(int lines) {
     for (; lines > 0 && pf_row_ < next_n_; lines -= 2) {
-      _mm_prefetch(reinterpret_cast<const char*>(kn_[pf_row_]) + pf_byte_, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(vn_[pf_row_]) + pf_byte_, _MM_HINT_T1);
+      const char* k = reinterpret_cast<const char*>(kn_[pf_row_]);
+      const char* v = reinterpret_cast<const char*>(vn_[pf_row_]);
+      _mm_prefetch(k + pf_byte_, _MM_HINT_T1);
+      _mm_prefetch(v + pf_byte_, _MM_HINT_T1);
       if ((pf_byte_ += 64) >= row_bytes_) {
+        // a row that does not start on a line boundary ends in one more line (bf16 D = 20...)
+        if (misaligned(k)) _mm_prefetch(k + row_bytes_ - 1, _MM_HINT_T1);
+        if (misaligned(v)) _mm_prefetch(v + row_bytes_ - 1, _MM_HINT_T1);
         pf_byte_ = 0;
         ++pf_row_;
       }
     }
+  }
+  // Whether the row at p spans more lines than ceil(row_bytes / 64) from its start covers.
+  bool misaligned(const char* p) const {
+    const int64_t off = static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) & 63);
+    return off + row_bytes_ > (row_bytes_ + 63) / 64 * 64;
   }
 
   const TreeAttentionCtx<T>& c_;

@@ -140,6 +140,7 @@ struct Wide {
     const R ninf = V::set1(TA_NEG_INF);
     KeyTiles<T, KT> tiles(c, w, kvh, max_nv);
     // the next tile's prefetches go out spread over a full tile's score and accumulate calls
+    // (only the last tile is partial, and it has no next tile to prefetch)
     int calls = 0;
     query_blocks(NV, [&](int64_t, auto nq_regs) {
       constexpr int NQ = decltype(nq_regs)::value;

@@ -17,11 +17,38 @@ def test_roofline_is_the_slower_of_memory_and_compute():
     assert common.roofline_ms(4e6, 1.7e9, READ_GBS, GEMM_GFLOPS) == pytest.approx(10.0)  # FMA
 
 
-def test_rates_are_measured_fresh_around_a_run():
-    calls = []
-    out, read, gemm = common.rates_around("cpu", torch.float32, lambda: calls.append(1) or 7)
-    assert out == 7 and calls == [1]
-    assert math.isfinite(read) and read > 0.1 and math.isfinite(gemm) and gemm > 0.1
+def test_rates_around_measures_before_and_after_and_keeps_the_best(monkeypatch):
+    seq = iter([(30.0, 150.0), (50.0, 140.0)])  # (read GB/s, GEMM GFLOP/s) before, after
+    events = []
+
+    def fake(device, dtype):
+        events.append("measure")
+        return next(seq)
+
+    monkeypatch.setattr(common, "measure_rates", fake)
+    out, read, gemm = common.rates_around("cpu", torch.float32, lambda: events.append("run") or 7)
+    assert out == 7 and events == ["measure", "run", "measure"]
+    assert (read, gemm) == (50.0, 150.0)
+
+
+def test_measure_rates_is_not_cached():
+    r = [common.measure_rates("cpu", torch.float32) for _ in range(2)]
+    assert all(math.isfinite(x) and x > 0.1 for pair in r for x in pair)
+    assert r[0] != r[1]  # two timings of a noisy machine: fresh measurements differ
+
+
+def test_linear_finish_keeps_the_best_pass_with_its_rates():
+    """Pass A: faster torch; pass B: faster kernel, measured at other rates. The row must take
+    B's time and rates, and the best torch time of any pass."""
+    base = {"case": "4096x4096", "storage": "fp32", "kernel": "packed", "rows": 1,
+            "weight_bytes": 4 * 4096 * 4096}
+    a = dict(base, ms=2.0, torch_ms=3.0, read_gbs=30.0, gemm_gflops=150.0)
+    b = dict(base, ms=1.5, torch_ms=4.0, read_gbs=50.0, gemm_gflops=190.0)
+    for raw in ([a, b], [b, a]):
+        (row,) = linear._finish([dict(r) for r in raw])
+        assert row["ms"] == 1.5 and row["torch_ms"] == 3.0
+        assert row["read_bw_GB_s"] == 50.0 and row["gemm_GFLOP_s"] == 190.0
+        assert row["roofline_ms"] == pytest.approx(4 * 4096 * 4096 / 50.0 / 1e6)
 
 
 def test_linear_rooflines_bf16_storage_cannot_reach_1p3x():
@@ -44,19 +71,29 @@ def test_linear_rooflines_bf16_storage_cannot_reach_1p3x():
     assert rows32[8]["roofline_ratio_vs_1row"] == pytest.approx(1.0)
 
 
+def test_attention_flops():
+    # QK and PV: 2 multiply-adds (4 FLOPs) per query head, key and head-dim element
+    assert attention._flops(Hq=16, D=128, P=8192, N=8, own=128) == 4 * 8 * 16 * 8320 * 128
+
+
 @pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
-def test_attention_case_reports_rooflines():
+@pytest.mark.parametrize("gemm", [GEMM_GFLOPS, 0.5])  # memory-bound; compute-bound
+def test_attention_case_reports_rooflines(gemm):
     P, N, own, Hq, Hkv, D = 256, 4, 32, 4, 2, 64
     row = attention._case("cpu", torch.float32, Hq, Hkv, D, P, N, own, 16, iters=1)
-    row.update(read_gbs=READ_GBS, gemm_gflops=GEMM_GFLOPS)
+    row.update(read_gbs=READ_GBS, gemm_gflops=gemm)
     attention._add_rooflines(row)
     flops = 4 * N * Hq * (P + own) * D
+    assert row["cascade_gflops"] == pytest.approx(flops / row["cascade_ms"] / 1e6)
     for method, mb in (("cascade", row["kv_mb_shared"]), ("flat", row["kv_mb_flat"])):
-        expect = max(mb * 1e6 / READ_GBS, flops / GEMM_GFLOPS) / 1e6
+        expect = max(mb * 1e6 / READ_GBS, flops / gemm) / 1e6
         assert row[f"roofline_{method}_ms"] == pytest.approx(expect)
         assert row[f"{method}_roofline_share"] == pytest.approx(expect / row[f"{method}_ms"])
     assert row["roofline_speedup_vs_flat"] == pytest.approx(
         row["roofline_flat_ms"] / row["roofline_cascade_ms"])
-    # both do the same FLOPs, so the bound never exceeds the ratio of bytes held
+    # both do the same FLOPs, so the roofline ratio never exceeds the ratio of bytes held, and
+    # is 1 when both are compute-bound
     bytes_ratio = row["kv_mb_flat"] / row["kv_mb_shared"]
     assert 1.0 <= row["roofline_speedup_vs_flat"] <= bytes_ratio * (1 + 1e-9)
+    if gemm < 1:
+        assert row["roofline_speedup_vs_flat"] == pytest.approx(1.0)

@@ -207,7 +207,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             dtypes = [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
         for dtype in dtypes:
-            rate_dtype = torch.float32 if device == "cpu" else dtype  # CPU kernels: fp32 math
+            # CPU: the fp32 GEMM rate (npr's kernels compute in fp32 whatever the storage);
+            # CUDA: the dtype's tensor-core GEMM rate, a bound for any kernel, FlashInfer's
+            # included (npr's CUDA kernels use fp32 math and cannot reach it)
+            rate_dtype = torch.float32 if device == "cpu" else dtype
             for Hq, Hkv, D in dims:
                 for P in prefixes:
                     for N in sibs:

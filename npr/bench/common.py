@@ -53,19 +53,11 @@ def _read_gbs(device: str, nbytes: int, iters: int) -> float:
     return nbytes / time_fn(lambda: x.sum(), warmup=2, iters=iters, sync=sync)["best_s"] / 1e9
 
 
-def read_bandwidth_gbs(device: str = "cpu", nbytes: int = 256 << 20) -> float:
-    """Measured streaming read bandwidth (GB/s): a sum over a buffer larger than the caches (on
-    this VM within ~5% of a hand-written AVX2 stream). Measured once per process."""
-    key = "read:" + device
-    if key not in _MEASURED:
-        _MEASURED[key] = _read_gbs(device, nbytes, iters=8)
-    return _MEASURED[key]
-
-
 def measure_rates(device: str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     """(read GB/s, GEMM GFLOP/s) measured now, not cached: the VM's bandwidth drifts by up to
-    ~1.9x within minutes (32-62 GB/s in one session), so a roofline must use rates measured next
-    to the case it bounds. GEMM: torch.mm at 1024^3 in dtype, a practical reference for the
+    ~1.8x within minutes (32-58 GB/s in one benchmark run), so a roofline must use rates
+    measured next to the case it bounds. Read: torch's sum over 256 MiB (on this VM within ~5%
+    of a hand-written AVX2 stream). GEMM: torch.mm at 1024^3 in dtype, a practical reference for the
     multiply-add units, not a strict peak (npr's packed linear has run 8% above it here). npr's
     CPU kernels compute in fp32 whatever the storage: pass float32 for them."""
     read = _read_gbs(device, 256 << 20, iters=5)

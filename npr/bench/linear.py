@@ -17,8 +17,8 @@ and noisy: a pass that meets a busy core loses milliseconds per call). Fields:
   roofline_ms          max(weight bytes / read bandwidth, 2 x rows x weights / measured fp32
                        GEMM rate) (npr.bench.common.roofline_ms): the least time any kernel
                        computing in fp32 could take; roofline_share = roofline_ms / ms
-  roofline_ratio_vs_1row  roofline_ms / the 1-row roofline_ms: the ratio_vs_1row of a kernel
-                       running every row count at its roofline (the best this machine allows)
+  roofline_ratio_vs_1row  the M-row roofline / the 1-row roofline, both at this row's rates:
+                       the ratio_vs_1row of a kernel at its roofline at both row counts
 """
 from __future__ import annotations
 
