@@ -7,7 +7,8 @@ query per row, the last own position). Baselines, on the same rows and queries:
   sdpa    torch SDPA over contiguous per-row K/V; the gather from the paged cache is EXCLUDED from
           sdpa_ms and reported separately as sdpa_gather_ms;
   flashinfer (CUDA, bf16/fp16, when `flashinfer` imports): its 2-level cascade wrapper.
-Times are the best of --iters runs (this VM's timings vary run to run; ratios are side by side).
+Times are the best of --iters runs; cascade and flat alternate call by call, so the machine's
+drift hits both alike (this VM's timings vary run to run; ratios are side by side).
 GB/s = KV bytes the method must read (the shared prefix once for cascade) / time; copy_gbs is the
 machine's measured copy bandwidth (read + write) for scale.
 Roofline (npr.bench.common.roofline_ms, from the read bandwidth read_gbs and GEMM rate
@@ -114,8 +115,10 @@ def _case(device: str, dtype: torch.dtype, Hq: int, Hkv: int, D: int, P: int, N:
     plan_ms = (time.perf_counter() - t0) * 1e3
     plan_f = A.plan(**flat, block_size=bs, device=device)
     out = A.tree_attention(q, k, v, plan_s)
-    t_cas = common.time_fn(lambda: A.tree_attention(q, k, v, plan_s), iters=iters, sync=sync)
-    t_flat = common.time_fn(lambda: A.tree_attention(q, kf, vf, plan_f), iters=iters, sync=sync)
+    t = common.time_interleaved({"cascade": lambda: A.tree_attention(q, k, v, plan_s),
+                                 "flat": lambda: A.tree_attention(q, kf, vf, plan_f)},
+                                iters=iters, sync=sync)
+    t_cas, t_flat = t["cascade"], t["flat"]
     out_flat = A.tree_attention(q, kf, vf, plan_f)
 
     # SDPA over gathered contiguous K/V (all rows have P + own keys: one batched call)

@@ -4,7 +4,8 @@ row counts, and one SmolLM2-135M decode step.
 Weights are cold, as in a decode step (every layer's weights are evicted before they come back):
 each call uses the next of several weight copies that together exceed the last-level cache.
 Times are the best of --iters calls, and of --repeat passes over all cases (the machine is shared
-and noisy: a pass that meets a busy core loses milliseconds per call). Fields:
+and noisy: a pass that meets a busy core loses milliseconds per call); within a pass the row
+counts of one shape and kernel are called in turn, so drift hits each alike. Fields:
   kernel               plain ([N, K] weights, npr::linear_small), packed (pack_linear_weight,
                        npr::linear_packed), packed+fused (step only: npr.ops.linear_fused)
   ms / torch_ms        this kernel / F.linear with fp32 weights (what the model would run
@@ -58,15 +59,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torch", action="store_true", help="skip the torch baselines")
 
 
-def _best_ms(fns: list[Callable[[], object]], iters: int) -> float:
-    """Best time (ms) of one call, cycling through fns (one per weight copy)."""
+def _best_ms(cases: dict[int, list[Callable[[], object]]], iters: int) -> dict[int, float]:
+    """Best time (ms) of one call per case (one fn per weight copy in each list). The cases are
+    called in turn (common.time_interleaved: drift hits every row count alike), and every call
+    uses the next weight copy of one rotation shared by all cases, so no call finds its weights
+    in cache."""
     state = {"i": 0}
 
-    def call() -> None:
-        state["i"] = (state["i"] + 1) % len(fns)
-        fns[state["i"]]()
+    def caller(fns: list[Callable[[], object]]) -> Callable[[], None]:
+        def call() -> None:
+            state["i"] += 1
+            fns[state["i"] % len(fns)]()
+        return call
 
-    return common.time_fn(call, warmup=max(2, len(fns)), iters=iters)["best_s"] * 1e3
+    copies = max(len(f) for f in cases.values())
+    t = common.time_interleaved({m: caller(f) for m, f in cases.items()},
+                                warmup=max(2, copies // len(cases) + 1), iters=iters)
+    return {m: r["best_s"] * 1e3 for m, r in t.items()}
 
 
 def _copies(n: int, k: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -99,15 +108,17 @@ def _shape_raw(args, name: str) -> list[dict]:
         dtype = STORAGE[sname]
         plain = w32 if dtype == torch.float32 else [w.to(dtype) for w in w32]
         wbytes = n * k * plain[0].element_size()
+        xs = {m: torch.randn(m, k) for m in rows_list}
+        if not args.no_torch and not torch_ms:
+            torch_ms = _best_ms({m: [lambda w=w, x=x: F.linear(x, w) for w in w32]
+                                 for m, x in xs.items()}, args.iters)
         for kname in args.kernels.split(","):
             ws = plain if kname == "plain" else [ops.pack_linear_weight(w) for w in plain]
+            ms = _best_ms({m: [lambda w=w, x=x: ops.linear(x, w) for w in ws]
+                           for m, x in xs.items()}, args.iters)
             for m in rows_list:
-                x = torch.randn(m, k)
-                ms = _best_ms([lambda w=w: ops.linear(x, w) for w in ws], args.iters)
-                if not args.no_torch and m not in torch_ms:
-                    torch_ms[m] = _best_ms([lambda w=w: F.linear(x, w) for w in w32], args.iters)
                 out.append({"case": name, "storage": sname, "kernel": kname, "rows": m,
-                            "ms": ms, "torch_ms": torch_ms.get(m), "weight_bytes": wbytes})
+                            "ms": ms[m], "torch_ms": torch_ms.get(m), "weight_bytes": wbytes})
             del ws
         del plain
     return out
@@ -194,22 +205,24 @@ def _step_raw(args) -> list[dict]:
     rows_list = [m for m in (1, 2, 4, 8) if not args.quick or m in (1, 8)]
     iters = 3 if args.quick else 6
     torch_ms: dict[int, float] = {}
+    xs = {m: torch.randn(m, SMOL["hidden"]) for m in rows_list}
+
+    def best_ms(step: _Step) -> dict[int, float]:  # row counts in turn (drift hits all alike)
+        t = common.time_interleaved({m: lambda x=x: step(x) for m, x in xs.items()}, warmup=1,
+                                    iters=iters)
+        return {m: r["best_s"] * 1e3 for m, r in t.items()}
+
     if not args.no_torch:
-        tstep = _Step(torch.float32, linear=F.linear)
-        for m in rows_list:
-            x = torch.randn(m, SMOL["hidden"])
-            torch_ms[m] = common.time_fn(lambda: tstep(x), warmup=1, iters=iters)["best_s"] * 1e3
-        del tstep
+        torch_ms = best_ms(_Step(torch.float32, linear=F.linear))
     variants = args.kernels.split(",") + ([] if args.no_fused else ["packed+fused"])
     for sname in args.storage.split(","):
         for kname in variants:
             step = _Step(STORAGE[sname], packed=kname.startswith("packed"),
                          fused=kname.endswith("fused"))
+            ms = best_ms(step)
             for m in rows_list:
-                x = torch.randn(m, SMOL["hidden"])
-                ms = common.time_fn(lambda: step(x), warmup=1, iters=iters)["best_s"] * 1e3
                 out.append({"case": "smollm2-step", "storage": sname, "kernel": kname, "rows": m,
-                            "ms": ms, "torch_ms": torch_ms.get(m),
+                            "ms": ms[m], "torch_ms": torch_ms.get(m),
                             "weight_bytes": step.weight_bytes})
             del step
     return out
