@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -31,8 +31,8 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10, min_time
     return {"median_s": statistics.median(times), "best_s": min(times), "iters": len(times)}
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, iters: int = 10,
-                     sync: Callable[[], None] | None = None) -> dict[str, dict[str, float]]:
+def time_interleaved(fns: dict[Hashable, Callable[[], Any]], *, warmup: int = 2, iters: int = 10,
+                     sync: Callable[[], None] | None = None) -> dict[Hashable, dict[str, float]]:
     """time_fn for several functions whose time ratios are reported: one call of each in turn,
     iters rounds, so a drift of the machine's speed during the rounds (10-80% within minutes on
     the CPU VM) hits every function alike instead of whichever ran in the slow minute."""
@@ -41,7 +41,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], *, warmup: int = 2, iter
         for fn in fns.values():
             fn()
     sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[Hashable, list[float]] = {name: [] for name in fns}
     for _ in range(max(iters, 1)):
         for name, fn in fns.items():
             t0 = time.perf_counter()
