@@ -12,30 +12,12 @@ from typing import Any, Callable, Hashable
 import torch
 
 
-def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10, min_time_s: float = 0.0,
-            sync: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median and best wall time (seconds) of fn() over iters runs after warmup runs."""
-    sync = sync or (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times: list[float] = []
-    t_end = time.perf_counter() + min_time_s
-    while len(times) < iters or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 10 * max(iters, 1):
-            break
-    return {"median_s": statistics.median(times), "best_s": min(times), "iters": len(times)}
-
-
 def time_interleaved(fns: dict[Hashable, Callable[[], Any]], *, warmup: int = 2, iters: int = 10,
                      sync: Callable[[], None] | None = None) -> dict[Hashable, dict[str, float]]:
-    """time_fn for several functions whose time ratios are reported: one call of each in turn,
-    iters rounds, so a drift of the machine's speed during the rounds (10-80% within minutes on
-    the CPU VM) hits every function alike instead of whichever ran in the slow minute."""
+    """Median and best wall time (seconds) of each function over iters rounds after warmup
+    rounds, one call of each in turn: for functions whose time ratios are reported, a drift of
+    the machine's speed during the rounds (10-80% within minutes on the CPU VM) hits every
+    function alike instead of whichever ran in the slow minute."""
     sync = sync or (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
@@ -50,6 +32,12 @@ def time_interleaved(fns: dict[Hashable, Callable[[], Any]], *, warmup: int = 2,
             times[name].append(time.perf_counter() - t0)
     return {name: {"median_s": statistics.median(t), "best_s": min(t), "iters": len(t)}
             for name, t in times.items()}
+
+
+def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10,
+            sync: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median and best wall time (seconds) of fn() over iters runs after warmup runs."""
+    return time_interleaved({0: fn}, warmup=warmup, iters=iters, sync=sync)[0]
 
 
 _MEASURED: dict[str, float] = {}

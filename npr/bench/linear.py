@@ -60,10 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _best_ms(cases: dict[int, list[Callable[[], object]]], iters: int) -> dict[int, float]:
-    """Best time (ms) of one call per case (one fn per weight copy in each list). The cases are
-    called in turn (common.time_interleaved: drift hits every row count alike), and every call
-    uses the next weight copy of one rotation shared by all cases, so no call finds its weights
-    in cache."""
+    """Best time (ms) of one call per case (one fn per weight copy in each list, or one fn). The
+    cases are called in turn (common.time_interleaved: drift hits every row count alike), and
+    every call uses the next weight copy of one rotation shared by all cases, so no call finds
+    its weights in cache."""
     state = {"i": 0}
 
     def caller(fns: list[Callable[[], object]]) -> Callable[[], None]:
@@ -208,9 +208,7 @@ def _step_raw(args) -> list[dict]:
     xs = {m: torch.randn(m, SMOL["hidden"]) for m in rows_list}
 
     def best_ms(step: _Step) -> dict[int, float]:  # row counts in turn (drift hits all alike)
-        t = common.time_interleaved({m: lambda x=x: step(x) for m, x in xs.items()}, warmup=1,
-                                    iters=iters)
-        return {m: r["best_s"] * 1e3 for m, r in t.items()}
+        return _best_ms({m: [lambda x=x: step(x)] for m, x in xs.items()}, iters)
 
     if not args.no_torch:
         torch_ms = best_ms(_Step(torch.float32, linear=F.linear))
@@ -231,15 +229,15 @@ def _step_raw(args) -> list[dict]:
 def _finish(raw: list[dict]) -> list[dict]:
     """Best of the passes per case (with the rates of that pass), then the derived fields."""
     best: dict[tuple, dict] = {}
+    torch_best: dict[tuple, float] = {}
     for r in raw:
         key = (r["case"], r["storage"], r["kernel"], r["rows"])
-        b = best.get(key)
-        if b is None or r["ms"] < b["ms"]:
-            tms = [x for x in (r["torch_ms"], b and b["torch_ms"]) if x is not None]
-            best[key] = b = dict(r)
-            b["torch_ms"] = min(tms) if tms else None
-        elif r["torch_ms"] is not None:
-            b["torch_ms"] = min(b["torch_ms"] or r["torch_ms"], r["torch_ms"])
+        if key not in best or r["ms"] < best[key]["ms"]:
+            best[key] = dict(r)
+        if r["torch_ms"] is not None:
+            torch_best[key] = min(r["torch_ms"], torch_best.get(key, r["torch_ms"]))
+    for key, b in best.items():
+        b["torch_ms"] = torch_best.get(key)
     first: dict[tuple, dict] = {}  # the fewest-rows case of each (case, storage, kernel)
     for key, b in best.items():
         f = first.get(key[:3])
