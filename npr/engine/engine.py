@@ -371,9 +371,14 @@ class Engine:
         return [self._collect(rid) for rid in finished]
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads new weights (HF parameter names); drops all cached KV: in-flight requests are
+        """Loads new weights (HF parameter names, any subset) and makes every later step use
+        them: the packed decode copies are dropped (re-made lazily from the new weights, so a
+        trainer that changed the shared parameters in place, even through `.data`, is covered
+        too) and all cached KV is dropped: in-flight requests keep the tokens they have and are
         recomputed under the new weights."""
         self.model.load_hf_state_dict(named_tensors)
+        if getattr(self.model, "packed_dtype", None) is not None:
+            self.model.pack_weights(self.model.packed_dtype)
         self.scheduler.preempt_all()
 
     def sleep(self) -> None:

@@ -277,36 +277,39 @@ class LlamaDecoder(nn.Module):
 
     # --- weights ----------------------------------------------------------------------------
     def hf_weight_map(self) -> dict[str, torch.Tensor]:
-        """HF parameter name -> the (view of the) tensor that holds it. Copying into the view
-        writes the fused parameter in place."""
+        """HF parameter name -> a detached view of the tensor that holds it. Copying into the view
+        writes the fused parameter in place and, unlike a `.data` view, counts the write in the
+        parameter's `_version` (views share their base's version counter), so the packed decode
+        copies (packed_copy) see it."""
         cfg = self.config
         D, I = cfg.head_dim, cfg.intermediate_size
         q_rows, kv_rows = cfg.num_heads * D, cfg.num_kv_heads * D
-        m: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed_tokens.data,
-                                      "model.norm.weight": self.norm.data}
+        v = lambda t: t.detach()  # noqa: E731  shares storage and _version with t
+        m: dict[str, torch.Tensor] = {"model.embed_tokens.weight": v(self.embed_tokens),
+                                      "model.norm.weight": v(self.norm)}
         if self.lm_head is not None:
-            m["lm_head.weight"] = self.lm_head.data
+            m["lm_head.weight"] = v(self.lm_head)
         for i, ly in enumerate(self.layers):
             a, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
-            m[f"model.layers.{i}.input_layernorm.weight"] = ly.input_norm.data
-            m[f"model.layers.{i}.post_attention_layernorm.weight"] = ly.post_norm.data
+            m[f"model.layers.{i}.input_layernorm.weight"] = v(ly.input_norm)
+            m[f"model.layers.{i}.post_attention_layernorm.weight"] = v(ly.post_norm)
             for suffix, t in (("weight", ly.qkv_weight), ("bias", ly.qkv_bias)):
                 if t is not None:
-                    q, k, v = t.data.split([q_rows, kv_rows, kv_rows], dim=0)
+                    q, k, vv = v(t).split([q_rows, kv_rows, kv_rows], dim=0)
                     m[a + "q_proj." + suffix], m[a + "k_proj." + suffix] = q, k
-                    m[a + "v_proj." + suffix] = v
-            m[a + "o_proj.weight"] = ly.o_weight.data
+                    m[a + "v_proj." + suffix] = vv
+            m[a + "o_proj.weight"] = v(ly.o_weight)
             if ly.o_bias is not None:
-                m[a + "o_proj.bias"] = ly.o_bias.data
+                m[a + "o_proj.bias"] = v(ly.o_bias)
             if ly.q_norm is not None:
-                m[a + "q_norm.weight"], m[a + "k_norm.weight"] = ly.q_norm.data, ly.k_norm.data
+                m[a + "q_norm.weight"], m[a + "k_norm.weight"] = v(ly.q_norm), v(ly.k_norm)
             for suffix, t in (("weight", ly.gate_up_weight), ("bias", ly.gate_up_bias)):
                 if t is not None:
-                    gate, up = t.data.split([I, I], dim=0)
+                    gate, up = v(t).split([I, I], dim=0)
                     m[mlp + "gate_proj." + suffix], m[mlp + "up_proj." + suffix] = gate, up
-            m[mlp + "down_proj.weight"] = ly.down_weight.data
+            m[mlp + "down_proj.weight"] = v(ly.down_weight)
             if ly.down_bias is not None:
-                m[mlp + "down_proj.bias"] = ly.down_bias.data
+                m[mlp + "down_proj.bias"] = v(ly.down_bias)
         return m
 
     @staticmethod
