@@ -169,3 +169,72 @@ def test_update_weights_real_smollm2(smollm2, in_flight):
     # eos may end either earlier; both are greedy over the same weights, so they agree
     assert got.token_ids[len(done):] == ref.token_ids
     assert old.token_ids != got.token_ids or in_flight
+
+
+# --------------------------------------------------------------------------- atomic, checked
+
+def _weights_equal(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(t, snap[n]) for n, t in model.hf_weight_map().items())
+
+
+BAD_UPDATES = {
+    "unknown_name": (lambda w: ("model.layers.99.foo.weight", w), KeyError, "model.layers.99.foo"),
+    "wrong_shape": (lambda w: ("model.layers.1.mlp.down_proj.weight", w[:, :-1]), ValueError,
+                    r"down_proj.weight.*shape"),
+    "int64": (lambda w: ("model.layers.1.mlp.down_proj.weight", w.long()), TypeError,
+              r"down_proj.weight.*torch.int64"),
+    "bool": (lambda w: ("model.layers.1.mlp.down_proj.weight", w > 0), TypeError,
+             r"down_proj.weight.*torch.bool"),
+    "complex64": (lambda w: ("model.layers.1.mlp.down_proj.weight", w.to(torch.complex64)),
+                  TypeError, r"down_proj.weight.*torch.complex64"),
+    "not_a_tensor": (lambda w: ("model.layers.1.mlp.down_proj.weight", w.tolist()), TypeError,
+                     r"down_proj.weight.*list"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_UPDATES))
+def test_update_weights_is_atomic_and_checks_dtypes(bad):
+    """A bad tensor anywhere in an update is refused naming it, before anything is applied: the
+    weights, the packed copies and the KV cache of requests in flight stay as they were."""
+    model = tiny_model(V, seed=1)
+    eng = engine(model, "auto")
+    ref = eng.generate(input_ids=PROMPTS, sampling_params=SP)
+    snap = snapshot(model)
+    make, exc, match = BAD_UPDATES[bad]
+    w = snap["model.layers.1.mlp.down_proj.weight"]
+    down0 = "model.layers.0.mlp.down_proj.weight"
+    update = [(down0, snap[down0] * 0.5), ("model.norm.weight", snap["model.norm.weight"] * 2),
+              make(w)]
+    rids = [eng.add_request(None, SP, input_ids=p) for p in PROMPTS]
+    for _ in range(3):
+        eng.step()
+    used = eng.pool_stats()["used_blocks"]
+    assert used > 0
+    with pytest.raises(exc, match=match):
+        eng.update_weights(update)
+    assert _weights_equal(model, snap)
+    assert eng.pool_stats()["used_blocks"] == used  # KV kept: nothing changed
+    outs = {}
+    while eng.has_unfinished_requests():
+        outs.update({o.request_id: o for o in eng.step()})
+    assert [outs[r].outputs[0].token_ids for r in rids] == [o.outputs[0].token_ids for o in ref]
+    # A good update (a dict works too) is applied in full and drops the KV at once.
+    eng.add_request(None, SP, input_ids=PROMPTS[0])
+    eng.step()
+    assert eng.pool_stats()["used_blocks"] > 0
+    eng.update_weights(dict(update[:2]))
+    assert eng.pool_stats()["used_blocks"] == 0
+    got = model.hf_weight_map()
+    assert torch.equal(got["model.norm.weight"], snap["model.norm.weight"] * 2)
+    assert torch.equal(got[down0], snap[down0] * 0.5)
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.pool_stats()["used_blocks"] == 0
+
+
+def test_update_weights_casts_floating_dtypes():
+    model = tiny_model(V, seed=1)
+    eng = engine(model, "auto")
+    new = {n: t.double() * 0.5 for n, t in snapshot(model).items()}
+    eng.update_weights(new.items())
+    assert _weights_equal(model, {n: t.float() for n, t in new.items()})

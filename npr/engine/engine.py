@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -370,13 +370,17 @@ class Engine:
         finished = self.scheduler.abort(ids)
         return [self._collect(rid) for rid in finished]
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Loads new weights (HF parameter names, any subset) and makes every later step use
-        them: the packed decode copies are dropped (re-made lazily from the new weights, so a
-        trainer that changed the shared parameters in place, even through `.data`, is covered
-        too) and all cached KV is dropped: in-flight requests keep the tokens they have and are
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+                       | Mapping[str, torch.Tensor]) -> None:
+        """Loads new weights (HF parameter names, any subset; (name, tensor) pairs or a dict)
+        and makes every later step use them. Atomic: every name, shape and dtype is checked
+        first (unknown names, wrong shapes and non-floating dtypes raise naming the tensor,
+        leaving the weights and the KV cache as they were); then all are applied. Then the
+        packed decode copies are dropped (re-made lazily from the new weights, so a trainer
+        that changed the shared parameters in place, even through `.data`, is covered too) and
+        all cached KV is dropped: in-flight requests keep the tokens they have and are
         recomputed under the new weights."""
-        self.model.load_hf_state_dict(named_tensors)
+        self.model.load_hf_state_dict(named_tensors, atomic=True)
         if getattr(self.model, "packed_dtype", None) is not None:
             self.model.pack_weights(self.model.packed_dtype)
         self.scheduler.preempt_all()

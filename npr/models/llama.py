@@ -23,7 +23,7 @@ Weights are stored fused; HF parameter names map onto slices of them (`hf_weight
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -320,34 +320,62 @@ class LlamaDecoder(nn.Module):
         return {k: tuple(v.shape) for k, v in meta.hf_weight_map().items()}
 
     @torch.no_grad()
-    def load_hf_state_dict(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
-                           strict: bool = False) -> set[str]:
+    def load_hf_state_dict(self, named_tensors: Iterable[tuple[str, torch.Tensor]]
+                           | Mapping[str, torch.Tensor], strict: bool = False,
+                           atomic: bool = False) -> set[str]:
         """Copy HF-named tensors into the model (any subset: RL trainers push updates this way).
 
-        Unknown names and wrong shapes raise naming the tensor. With a tied head, lm_head.weight
-        is skipped (the head is the embedding). strict=True also raises when a weight was not
-        given. Returns the set of names loaded.
+        Each tensor is checked before it is copied: unknown names, non-tensors, non-floating
+        dtypes (int, bool, complex: never cast silently) and wrong shapes raise naming the
+        tensor; floating dtypes are cast to the model's. With a tied head, lm_head.weight is
+        skipped (the head is the embedding). strict=True also raises when a weight was not
+        given. atomic=True checks every tensor (and strict) before copying any, so a bad
+        update leaves the model as it was; it holds all tensors at once (weight pushes), while
+        atomic=False streams them (checkpoint loading). Returns the set of names loaded.
         """
         targets = self.hf_weight_map()
-        loaded: set[str] = set()
-        for name, tensor in named_tensors:
+        items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+
+        def check(item: object) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+            """-> (name, tensor, destination view; None for a name that is skipped)."""
+            pair = isinstance(item, (tuple, list)) and len(item) == 2
+            if not (pair and isinstance(item[0], str)):
+                raise TypeError(f"expected (HF name, tensor) pairs, got {type(item).__name__} "
+                                f"{str(item)[:60]}")
+            name, tensor = item
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
             tied_head = name == "lm_head.weight" and self.lm_head is None
             if tied_head or name.endswith(IGNORED_SUFFIXES):
-                continue
+                return name, tensor, None
             dst = targets.get(name)
             if dst is None:
                 raise KeyError(f"unexpected tensor {name!r}: not a parameter of this "
                                f"{self.config.model_type} model")
+            if not tensor.dtype.is_floating_point:
+                raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}; weights must be a "
+                                f"floating point type (the model holds {dst.dtype})")
             if tuple(tensor.shape) != tuple(dst.shape):
                 raise ValueError(f"tensor {name!r} has shape {list(tensor.shape)}, the config "
                                  f"expects {list(dst.shape)}")
-            dst.copy_(tensor)
-            loaded.add(name)
-        if strict:
+            return name, tensor, dst
+
+        def check_complete(loaded: set[str]) -> None:
             missing = sorted(set(targets) - loaded)
-            if missing:
+            if strict and missing:
                 more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
                 raise KeyError(f"missing tensor(s) {', '.join(missing[:5])}{more}")
+
+        checked = map(check, items)
+        if atomic:
+            checked = [c for c in checked if c[2] is not None]  # raises before any copy
+            check_complete({name for name, _, _ in checked})
+        loaded: set[str] = set()
+        for name, tensor, dst in checked:
+            if dst is not None:
+                dst.copy_(tensor)
+                loaded.add(name)
+        check_complete(loaded)
         return loaded
 
     @torch.no_grad()
