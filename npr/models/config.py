@@ -15,6 +15,9 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # RoPE variants implemented in npr.models.rope (HF names).
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Upper bound of every size in the config: token ids, positions and row indices are int32 in the
+# C++ scheduler and kernels.
+MAX_SIZE = 2**31 - 1
 
 
 @dataclass
@@ -47,8 +50,9 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= MAX_SIZE:
+                raise ValueError(f"ModelConfig.{name} must be an int in [1, 2**31 - 1], "
+                                 f"got {v!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"ModelConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
@@ -73,26 +77,34 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_hf_config(cls, d: dict[str, Any]) -> ModelConfig:
-        """From the dict of a Hugging Face config.json (LlamaConfig / Qwen2Config / Qwen3Config)."""
+    def from_hf_config(cls, d: dict[str, Any], where: str = "config.json") -> ModelConfig:
+        """From the dict of a Hugging Face config.json (LlamaConfig / Qwen2Config / Qwen3Config).
+        where: the file's name in error messages."""
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"config.json: model_type {model_type!r} is not supported "
+            raise ValueError(f"{where}: model_type {model_type!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
             if key not in d:
-                raise ValueError(f"config.json: missing required key {key!r}")
+                raise ValueError(f"{where}: missing required key {key!r}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "max_position_embeddings"):
+            v = d.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)
+                                  or not 0 < v <= MAX_SIZE):
+                raise ValueError(f"{where}: {key} must be an int in [1, 2**31 - 1], got {v!r}")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise NotImplementedError(
-                f"config.json: hidden_act {act!r} is not supported (only silu)")
+                f"{where}: hidden_act {act!r} is not supported (only silu)")
         layer_types = d.get("layer_types") or []
         if d.get("use_sliding_window") and (
                 not layer_types or "sliding_attention" in layer_types):
-            raise NotImplementedError("config.json: sliding-window attention is not supported")
+            raise NotImplementedError(f"{where}: sliding-window attention is not supported")
         if "sliding_attention" in layer_types:
-            raise NotImplementedError("config.json: sliding-window attention is not supported")
+            raise NotImplementedError(f"{where}: sliding-window attention is not supported")
 
         hidden, heads = d["hidden_size"], d["num_attention_heads"]
         head_dim = d.get("head_dim") or (128 if model_type == "qwen3" else hidden // heads)
@@ -102,9 +114,9 @@ class ModelConfig:
         else:
             qkv_bias = o_bias = attention_bias
         max_pos = d.get("max_position_embeddings", 4096 if model_type == "llama" else 32768)
-        theta, rope = _rope_from_hf(d, max_pos)
+        theta, rope = _rope_from_hf(d, max_pos, where)
         dtype = d.get("dtype") or d.get("torch_dtype")
-        return cls(
+        kwargs = dict(
             vocab_size=d["vocab_size"], hidden_size=hidden,
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
@@ -117,21 +129,28 @@ class ModelConfig:
             pad_token_id=d.get("pad_token_id"),
             torch_dtype=str(dtype).replace("torch.", "") if dtype else None,
         )
+        try:
+            return cls(**kwargs)
+        except ValueError as e:  # __post_init__'s checks, with the file named
+            raise ValueError(f"{where}: {e}") from e
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{where}: {e}") from e
 
 
-def _rope_from_hf(d: dict[str, Any], max_pos: int) -> tuple[float, dict[str, Any]]:
+def _rope_from_hf(d: dict[str, Any], max_pos: int,
+                  where: str = "config.json") -> tuple[float, dict[str, Any]]:
     """transformers 5.x keeps rope in config["rope_parameters"] (rope_theta inside); 4.x keeps
     rope_theta at top level and scaling in config["rope_scaling"] ("type" in very old files)."""
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     params = dict(params)
     if params and all(isinstance(v, dict) for v in params.values()):
-        raise NotImplementedError("config.json: per-layer-type rope parameters are not supported")
+        raise NotImplementedError(f"{where}: per-layer-type rope parameters are not supported")
     theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     prf = params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if prf not in (None, 1, 1.0):
-        raise NotImplementedError(f"config.json: partial_rotary_factor={prf} is not supported")
+        raise NotImplementedError(f"{where}: partial_rotary_factor={prf} is not supported")
     if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in params:
         # HF gives a top-level original_max_position_embeddings priority, else max positions.
         params["original_max_position_embeddings"] = d.get("original_max_position_embeddings",

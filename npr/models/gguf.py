@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from npr.models.config import ModelConfig
+from npr.models.config import MAX_SIZE, ModelConfig
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -85,10 +85,20 @@ def config_from_gguf(reader: Any, path: str = "") -> ModelConfig:
             raise ValueError(f"{path}: GGUF metadata {arch}.{k} is missing")
         return v
 
-    hidden = int(key("embedding_length", required=True))
-    heads = int(key("attention.head_count", required=True))
-    head_dim = key("attention.key_length") or key("rope.dimension_count") or hidden // heads
-    vocab = key("vocab_size")
+    def size(k: str, default: Any = None, required: bool = False) -> Any:
+        """A size field: an int in [1, MAX_SIZE] (checked here, so errors name the key)."""
+        v = key(k, default, required)
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool)
+                              or not 0 < int(v) <= MAX_SIZE):
+            raise ValueError(f"{path}: GGUF metadata {arch}.{k} must be an int in "
+                             f"[1, 2**31 - 1], got {v!r}")
+        return None if v is None else int(v)
+
+    hidden = size("embedding_length", required=True)
+    heads = size("attention.head_count", required=True)
+    head_dim = (size("attention.key_length") or size("rope.dimension_count")
+                or hidden // heads)
+    vocab = size("vocab_size")
     if vocab is None:
         tokens = field(reader, "tokenizer.ggml.tokens")
         vocab = len(tokens) if tokens is not None else None
@@ -96,7 +106,7 @@ def config_from_gguf(reader: Any, path: str = "") -> ModelConfig:
         vocab = int(_shape(next(t for t in reader.tensors if t.name == "token_embd.weight"))[0])
     if vocab is None:
         raise ValueError(f"{path}: cannot tell the vocabulary size from the GGUF metadata")
-    max_pos = int(key("context_length", 4096))
+    max_pos = size("context_length", 4096)
     rope: dict[str, Any] = {"rope_type": "default"}
     scaling_type = key("rope.scaling.type")
     if scaling_type in ("linear", "yarn"):
@@ -108,21 +118,25 @@ def config_from_gguf(reader: Any, path: str = "") -> ModelConfig:
         raise NotImplementedError(
             f"{path}: GGUF rope.scaling.type {scaling_type!r} is not supported")
     qkv_bias = "blk.0.attn_q.bias" in names
-    return ModelConfig(
-        vocab_size=int(vocab), hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length", required=True)),
-        num_layers=int(key("block_count", required=True)), num_heads=heads,
-        num_kv_heads=int(key("attention.head_count_kv", heads)), head_dim=int(head_dim),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=rope,
-        max_position_embeddings=max_pos, qkv_bias=qkv_bias,
-        o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_down.bias" in names,
-        qk_norm="blk.0.attn_q_norm.weight" in names,
-        tie_word_embeddings="output.weight" not in names, model_type=arch,
-        bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=field(reader, "tokenizer.ggml.padding_token_id"),
-    )
+    inter, layers = size("feed_forward_length", required=True), size("block_count", required=True)
+    kv_heads = size("attention.head_count_kv", heads)
+    try:
+        return ModelConfig(
+            vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=inter, num_layers=layers, num_heads=heads,
+            num_kv_heads=kv_heads, head_dim=int(head_dim),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=rope,
+            max_position_embeddings=max_pos, qkv_bias=qkv_bias,
+            o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_down.bias" in names,
+            qk_norm="blk.0.attn_q_norm.weight" in names,
+            tie_word_embeddings="output.weight" not in names, model_type=arch,
+            bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"),
+            pad_token_id=field(reader, "tokenizer.ggml.padding_token_id"),
+        )
+    except (TypeError, ValueError) as e:  # ModelConfig's checks, a non-numeric field
+        raise ValueError(f"{path}: {e}") from e
 
 
 def _shape(tensor: Any) -> tuple[int, ...]:

@@ -315,9 +315,37 @@ class LlamaDecoder(nn.Module):
     @staticmethod
     def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         """HF name -> shape, from the config alone (checked against file headers before the
-        model is allocated)."""
-        meta = LlamaDecoder(config, device="meta")
-        return {k: tuple(v.shape) for k, v in meta.hf_weight_map().items()}
+        model is allocated): plain arithmetic, no module is built, so its cost is the size of
+        the answer (callers check config.num_layers against the file first; see
+        npr.models.loader). Must list exactly the names of hf_weight_map."""
+        c = config
+        H, V, D, I = c.hidden_size, c.vocab_size, c.head_dim, c.intermediate_size
+        q, kv = c.num_heads * D, c.num_kv_heads * D
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H),
+                                           "model.norm.weight": (H,)}
+        if not c.tie_word_embeddings:
+            out["lm_head.weight"] = (V, H)
+        for i in range(c.num_layers):
+            a, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+            out[f"model.layers.{i}.input_layernorm.weight"] = (H,)
+            out[f"model.layers.{i}.post_attention_layernorm.weight"] = (H,)
+            for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                out[a + proj + ".weight"] = (rows, H)
+                if c.qkv_bias:
+                    out[a + proj + ".bias"] = (rows,)
+            out[a + "o_proj.weight"] = (H, q)
+            if c.o_bias:
+                out[a + "o_proj.bias"] = (H,)
+            if c.qk_norm:
+                out[a + "q_norm.weight"] = out[a + "k_norm.weight"] = (D,)
+            for proj in ("gate_proj", "up_proj"):
+                out[mlp + proj + ".weight"] = (I, H)
+                if c.mlp_bias:
+                    out[mlp + proj + ".bias"] = (I,)
+            out[mlp + "down_proj.weight"] = (H, I)
+            if c.mlp_bias:
+                out[mlp + "down_proj.bias"] = (H,)
+        return out
 
     @torch.no_grad()
     def load_hf_state_dict(self, named_tensors: Iterable[tuple[str, torch.Tensor]]

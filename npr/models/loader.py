@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -122,6 +123,20 @@ def _read_headers(folder: str) -> dict[str, tuple[str, tuple[int, ...], str]]:
     return out
 
 
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(names: Iterable[str], cfg: ModelConfig, where: str, field: str) -> None:
+    """The config's layer count must be the file's, checked from tensor names before anything
+    per layer is built: a config claiming 10**9 layers fails here, at once."""
+    layers = {int(m.group(1)) for n in names if (m := _LAYER_NAME.match(n))}
+    have = max(layers) + 1 if layers else 0
+    if cfg.num_layers != have:
+        held = f"layers 0..{have - 1}" if layers else "no layer"
+        raise CheckpointError(f"{where}: {field} = {cfg.num_layers}, but the weights hold "
+                              f"tensors of {held}")
+
+
 def _check_against_config(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
                           tied: bool, where: str) -> None:
     for name, shape in shapes.items():
@@ -144,7 +159,7 @@ def read_hf_config(folder: str) -> ModelConfig:
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{folder}: no config.json")
     with open(cfg_path) as f:
-        return ModelConfig.from_hf_config(json.load(f))
+        return ModelConfig.from_hf_config(json.load(f), where=cfg_path)
 
 
 def _load_hf_folder(folder: str, dtype: Any, device: torch.device) -> LlamaDecoder:
@@ -156,6 +171,7 @@ def _load_hf_folder(folder: str, dtype: Any, device: torch.device) -> LlamaDecod
         if st_dtype not in _SAFETENSORS_DTYPES and not name.endswith(IGNORED_SUFFIXES):
             raise CheckpointError(
                 f"{file}: tensor {name!r} has dtype {st_dtype}, expected a float type")
+    _check_layer_count(headers, cfg, os.path.join(folder, "config.json"), "num_hidden_layers")
     _check_against_config({n: h[1] for n, h in headers.items()},
                           LlamaDecoder.expected_hf_shapes(cfg), cfg.tie_word_embeddings, folder)
     model = LlamaDecoder(cfg, dtype=_resolve_dtype(dtype, device, cfg.torch_dtype), device=device)
@@ -185,6 +201,7 @@ def _load_gguf(path: str, dtype: Any, device: torch.device) -> LlamaDecoder:
         if name is None:
             raise CheckpointError(f"{path}: unexpected GGUF tensor {gname!r}")
         shapes[name] = shape
+    _check_layer_count(shapes, cfg, path, f"GGUF metadata {cfg.model_type}.block_count")
     _check_against_config(shapes, LlamaDecoder.expected_hf_shapes(cfg),
                           cfg.tie_word_embeddings, path)
     model = LlamaDecoder(cfg, dtype=_resolve_dtype(dtype, device, None), device=device)
