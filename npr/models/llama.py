@@ -58,6 +58,14 @@ def packed_copy(cache: dict[str, tuple[ops.PackedWeight, tuple]], name: str, w: 
     return hit[0]
 
 
+def _decode_rows(packed_dtype: torch.dtype | None, x: torch.Tensor) -> bool:
+    """Few rows with packed decode copies and no autograd: the decode path. A forward that
+    records gradients (training through the engine's model) reads the parameters themselves:
+    the packed copies are detached and the fused kernels have no backward."""
+    return (packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]
+            and not torch.is_grad_enabled())
+
+
 def _param(*shape: int, dtype: torch.dtype, device: torch.device | str) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
 
@@ -89,7 +97,7 @@ class LlamaLayer(nn.Module):
     def _lin(self, x: torch.Tensor, name: str, bias: torch.Tensor | None) -> torch.Tensor:
         """x: [..., K] -> [..., N]; few rows (decode) read the packed copy when there is one."""
         w = getattr(self, name)
-        if self.packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]:
+        if _decode_rows(self.packed_dtype, x):
             return ops.linear(x, packed_copy(self.packed, name, w, self.packed_dtype), bias)
         return ops.linear(x, w, bias)
 
@@ -98,7 +106,7 @@ class LlamaLayer(nn.Module):
         """x: [..., N, H], cos/sin: [..., N, D] -> [..., N, H]; with keep (flat path only, x
         [T, H]): -> [len(keep), H], rows after attention limited to `keep` (the last layer only
         needs the rows that produce logits)."""
-        if self.packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]:
+        if _decode_rows(self.packed_dtype, x):
             return self._forward_decode(x, cos, sin, attend, keep)
         h = ops.rms_norm(x, self.input_norm, self.eps)
         qkv = self._lin(h, "qkv_weight", self.qkv_bias)
@@ -245,7 +253,7 @@ class LlamaDecoder(nn.Module):
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.head_weight()
-        if self.packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]:
+        if _decode_rows(self.packed_dtype, x):
             head = packed_copy(self._packed_head, "head", w, self.packed_dtype)
             return ops.linear_fused(x, head, norm_weight=self.norm,
                                     eps=self.config.rms_norm_eps).float()

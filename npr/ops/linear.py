@@ -128,7 +128,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
         if _kernel_ok(x, weight, bias):
             return torch.ops.npr.linear_packed(x, weight.data, weight.out_features, _f32(bias))
         weight = weight.unpack()
-    elif _use_kernel(x, weight, bias):
+    elif _use_kernel(x, weight, bias) and not (
+            torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # (the kernel has no backward: a forward that records gradients takes F.linear)
         return torch.ops.npr.linear_small(x, weight, _f32(bias))
     if env.force_reference():
         return ref.linear(x, weight, bias)
