@@ -38,6 +38,10 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, valid: torc
     if not bool(torch.isfinite(r[valid]).all()):
         raise ValueError("group_advantages: a surviving reward is NaN or infinite")
     v = valid.bool()
+    if r.numel() == 0:
+        if scale == "batch" and all_reduce is not None:  # the other ranks still sum with us
+            all_reduce(torch.zeros(3, dtype=torch.float64))
+        return torch.zeros(0, dtype=torch.float64)
     w = v.double()
     rz = torch.where(v, r, torch.zeros_like(r))
     _, g = torch.unique(group_ids, return_inverse=True)
