@@ -175,3 +175,192 @@ def test_expected_hf_shapes_equal_the_models_weight_map(model_type, tied, bias):
     meta = LlamaDecoder(cfg, device="meta")
     want = {n: tuple(t.shape) for n, t in meta.hf_weight_map().items()}
     assert LlamaDecoder.expected_hf_shapes(cfg) == want
+
+
+# --------------------------------------------------------------------------- corrupt files
+
+def write_gguf_with_tokenizer(path: str, model) -> str:
+    """write_gguf plus a small gpt2-style tokenizer in the metadata (what load_tokenizer reads)."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(path, "llama")
+    for k, v in {"block_count": c.num_layers, "context_length": c.max_position_embeddings,
+                 "embedding_length": c.hidden_size, "feed_forward_length": c.intermediate_size,
+                 "attention.head_count": c.num_heads, "attention.head_count_kv": c.num_kv_heads,
+                 "attention.key_length": c.head_dim, "vocab_size": c.vocab_size}.items():
+        w.add_uint32(f"llama.{k}", v)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    letters = [chr(ord("a") + i) for i in range(26)]
+    toks = ["<s>", "</s>", "<unk>"] + letters + ["ab", "abc"]
+    toks += [f"t{i}" for i in range(c.vocab_size - len(toks))]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(toks)
+    w.add_token_types([3, 3, 2] + [1] * (len(toks) - 3))
+    w.add_token_merges(["a b", "ab c"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    for name, t in model.hf_weight_map().items():
+        w.add_tensor(gguf_name(name), t.numpy().astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _corruptions(path: str) -> dict[str, bytes]:
+    """Seven truncations / corruptions of a GGUF file's bytes (header, metadata, tensor infos,
+    tensor data), plus absurd lengths and counts."""
+    import struct
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    data = open(path, "rb").read()
+    tok, arch = r.fields["tokenizer.ggml.tokens"], r.fields["general.architecture"]
+    count_at = tok.offset + 8 + len(b"tokenizer.ggml.tokens") + 4 + 4  # the array's length
+    assert struct.unpack("<Q", data[count_at:count_at + 8])[0] == V
+    word = data.index(b"abc", tok.offset)
+    name = data.index(b"llama", arch.offset)
+    return {
+        "cut_in_magic": data[:3],
+        "cut_in_counts": data[:10],
+        "cut_in_metadata": data[:tok.offset + 20],
+        "cut_in_tensor_infos": data[:r.data_offset - 40],
+        "cut_in_tensor_data": data[:-100],
+        "token_not_utf8": data[:word] + b"\xff\xfe\xfd" + data[word + 3:],
+        "architecture_not_utf8": data[:name] + b"\xffl\xfe" + data[name + 3:],
+        "key_length_2_60": data[:arch.offset] + struct.pack("<Q", 2**60) + data[arch.offset + 8:],
+        "token_count_2_40": data[:count_at] + struct.pack("<Q", 2**40) + data[count_at + 8:],
+    }
+
+
+CORRUPTIONS = ["cut_in_magic", "cut_in_counts", "cut_in_metadata", "cut_in_tensor_infos",
+               "cut_in_tensor_data", "token_not_utf8", "architecture_not_utf8",
+               "key_length_2_60", "token_count_2_40"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_gguf(model, tmp_path_factory):
+    return write_gguf_with_tokenizer(str(tmp_path_factory.mktemp("tok") / "tok.gguf"), model)
+
+
+def test_gguf_tokenizer_control_loads(tokenizer_gguf):
+    import npr
+
+    tok = npr.load_tokenizer(tokenizer_gguf)
+    assert tok.encode("abc", add_special_tokens=False) == [30]
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS)
+def test_corrupt_gguf_errors_name_the_file(tokenizer_gguf, tmp_path, case):
+    """load_tokenizer (transformers parses the metadata) and load_model raise a ValueError that
+    names the file, never a raw struct.error / UnicodeDecodeError / IndexError."""
+    import npr
+
+    path = str(tmp_path / f"{case}.gguf")
+    with open(path, "wb") as f:
+        f.write(_corruptions(tokenizer_gguf)[case])
+    with pytest.raises(ValueError) as e:
+        npr.load_tokenizer(path)
+    assert path in str(e.value)
+    if case == "token_not_utf8":  # the model does not read the vocabulary's strings
+        assert npr.load_model(path).config.num_layers == 2
+        return
+    with pytest.raises(ValueError) as e:
+        npr.load_model(path)
+    assert path in str(e.value)
+
+
+BAD_CONFIGS = {
+    "a_list": ("[1, 2]", "JSON object"),
+    "invalid_json": ('{"model_type": "llama",', "not valid JSON"),
+    "not_utf8": (b'{"model_type": "ll\xffama"}', "not valid JSON"),
+    "rope_parameters_list": ({"rope_parameters": [{"rope_type": "linear"}]}, "rope_parameters"),
+    "rope_scaling_string": ({"rope_scaling": "linear"}, "rope_scaling"),
+    "rope_theta_string": ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}},
+                          "rope_theta"),
+    "rope_factor_list": ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4,
+                                              "factor": [2]}}, "factor"),
+    "rms_norm_eps_string": ({"rms_norm_eps": "1e-6"}, "rms_norm_eps"),
+    "rms_norm_eps_nan": ('NAN', "rms_norm_eps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_json_errors_name_the_file_and_field(model, tmp_path, case):
+    import npr
+
+    folder = write_hf(str(tmp_path / "ckpt"), model)
+    cfg_path = os.path.join(folder, "config.json")
+    content, field = BAD_CONFIGS[case]
+    if isinstance(content, dict):
+        cfg = json.load(open(cfg_path))
+        cfg.update(content)
+        content = json.dumps(cfg)
+    elif content == "NAN":
+        content = open(cfg_path).read().replace('"tie_word_embeddings"', '"rms_norm_eps": NaN, '
+                                                '"tie_word_embeddings"')
+    with open(cfg_path, "wb") as f:
+        f.write(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ValueError) as e:
+        npr.load_model(folder)
+    assert cfg_path in str(e.value) and field in str(e.value), str(e.value)
+
+
+def _write_index(folder: str, model, shard: object) -> None:
+    names = [n for n in model.hf_weight_map()]
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": {n: shard for n in names}}, f)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors",
+                                   "ABS", 7, "model.bin"])
+def test_shard_index_cannot_name_files_outside_the_folder(model, tmp_path, shard):
+    import npr
+    from npr.models.loader import CheckpointError
+
+    from safetensors.torch import save_file
+
+    outside = str(tmp_path / "outside.safetensors")
+    save_file({n: t.contiguous() for n, t in model.hf_weight_map().items()}, outside)
+    folder = str(tmp_path / "ckpt")
+    write_hf(folder, model)
+    os.remove(os.path.join(folder, "model.safetensors"))
+    _write_index(folder, model, outside if shard == "ABS" else shard)
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json") as e:
+        npr.load_model(folder)
+    assert "outside the checkpoint folder" in str(e.value) or "file names" in str(e.value)
+
+
+def test_shard_index_inside_the_folder_loads(model, tmp_path):
+    import npr
+
+    folder = write_hf(str(tmp_path / "ckpt"), model)
+    os.makedirs(os.path.join(folder, "shards"))
+    os.rename(os.path.join(folder, "model.safetensors"),
+              os.path.join(folder, "shards", "model-00001-of-00001.safetensors"))
+    _write_index(folder, model, "shards/./model-00001-of-00001.safetensors")
+    loaded = npr.load_model(folder)
+    assert torch_equal_weights(loaded, model)
+
+
+def test_bad_shard_index_json_names_the_file(model, tmp_path):
+    import npr
+
+    folder = write_hf(str(tmp_path / "ckpt"), model)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    for content in ("[1]", "{not json"):
+        with open(index, "w") as f:
+            f.write(content)
+        with pytest.raises(ValueError, match=index.replace(".", r"\.")):
+            npr.load_model(folder)
+
+
+def torch_equal_weights(a, b) -> bool:
+    import torch
+
+    wa, wb = a.hf_weight_map(), b.hf_weight_map()
+    return wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)

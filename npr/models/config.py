@@ -80,6 +80,9 @@ class ModelConfig:
     def from_hf_config(cls, d: dict[str, Any], where: str = "config.json") -> ModelConfig:
         """From the dict of a Hugging Face config.json (LlamaConfig / Qwen2Config / Qwen3Config).
         where: the file's name in error messages."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object of config fields, got a JSON "
+                             f"{_json_kind(d)}")
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{where}: model_type {model_type!r} is not supported "
@@ -120,7 +123,8 @@ class ModelConfig:
             vocab_size=d["vocab_size"], hidden_size=hidden,
             intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
             num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=rope,
+            rms_norm_eps=_number(d, "rms_norm_eps", 1e-6, where), rope_theta=theta,
+            rope_scaling=rope,
             max_position_embeddings=max_pos, qkv_bias=qkv_bias, o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
             qk_norm=model_type == "qwen3",
@@ -131,7 +135,7 @@ class ModelConfig:
         )
         try:
             return cls(**kwargs)
-        except ValueError as e:  # __post_init__'s checks, with the file named
+        except (TypeError, ValueError) as e:  # __post_init__'s checks, with the file named
             raise ValueError(f"{where}: {e}") from e
         except NotImplementedError as e:
             raise NotImplementedError(f"{where}: {e}") from e
@@ -141,11 +145,22 @@ def _rope_from_hf(d: dict[str, Any], max_pos: int,
                   where: str = "config.json") -> tuple[float, dict[str, Any]]:
     """transformers 5.x keeps rope in config["rope_parameters"] (rope_theta inside); 4.x keeps
     rope_theta at top level and scaling in config["rope_scaling"] ("type" in very old files)."""
-    params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    key = "rope_parameters" if d.get("rope_parameters") else "rope_scaling"
+    params = d.get(key) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}: {key} must be a JSON object (or null), got a JSON "
+                         f"{_json_kind(params)}: {str(params)[:80]}")
     params = dict(params)
     if params and all(isinstance(v, dict) for v in params.values()):
         raise NotImplementedError(f"{where}: per-layer-type rope parameters are not supported")
-    theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
+    if params.get("rope_theta") is not None:
+        theta = _number(params, "rope_theta", None, f"{where}: {key}")
+    else:
+        theta = _number(d, "rope_theta", 10000.0, where)
+    params.pop("rope_theta", None)
+    for k, v in params.items():
+        if k in _NUMERIC_ROPE_KEYS and v is not None:
+            _number(params, k, None, f"{where}: {key}")
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     prf = params.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
@@ -156,6 +171,26 @@ def _rope_from_hf(d: dict[str, Any], max_pos: int,
         params["original_max_position_embeddings"] = d.get("original_max_position_embeddings",
                                                            max_pos)
     return theta, {"rope_type": rope_type, **params}
+
+
+_NUMERIC_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                      "original_max_position_embeddings", "beta_fast", "beta_slow",
+                      "attention_factor", "mscale", "mscale_all_dim")
+
+
+def _json_kind(v: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null",
+            int: "number", float: "number"}.get(type(v), type(v).__name__)
+
+
+def _number(d: dict[str, Any], key: str, default: Any, where: str) -> float:
+    """d[key] (default when absent or null) as a float; a clear error naming where and key for
+    a string, list, bool, NaN or inf."""
+    v = d.get(key)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"{where}: {key} must be a finite number, got {v!r}")
+    return float(v)
 
 
 _REQUIRED_ROPE_KEYS = {

@@ -48,15 +48,20 @@ def open_reader(path: str) -> Any:
     try:
         return GGUFReader(path)
     except Exception as e:  # the gguf package raises assorted errors on a bad file
-        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path}: not a readable GGUF file: truncated, corrupt or not GGUF "
+                         f"({type(e).__name__}: {e})") from e
 
 
-def field(reader: Any, key: str, default: Any = None) -> Any:
-    """The value of a GGUF metadata key (scalar, str, or list)."""
+def field(reader: Any, key: str, default: Any = None, path: str = "") -> Any:
+    """The value of a GGUF metadata key (scalar, str, or list); path: the file, for errors."""
     f = reader.fields.get(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except (UnicodeDecodeError, ValueError, IndexError) as e:  # corrupt bytes in the field
+        raise ValueError(f"{path}: GGUF metadata {key} cannot be read ({type(e).__name__}: "
+                         f"{e})") from e
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -73,14 +78,14 @@ def hf_name(gguf_name: str) -> str | None:
 
 
 def config_from_gguf(reader: Any, path: str = "") -> ModelConfig:
-    arch = field(reader, "general.architecture")
+    arch = field(reader, "general.architecture", path=path)
     if arch not in ARCHITECTURES:
         raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported "
                          f"(supported: {', '.join(ARCHITECTURES)})")
     names = {t.name for t in reader.tensors}
 
     def key(k: str, default: Any = None, required: bool = False) -> Any:
-        v = field(reader, f"{arch}.{k}", default)
+        v = field(reader, f"{arch}.{k}", default, path)
         if v is None and required:
             raise ValueError(f"{path}: GGUF metadata {arch}.{k} is missing")
         return v
@@ -100,7 +105,7 @@ def config_from_gguf(reader: Any, path: str = "") -> ModelConfig:
                 or hidden // heads)
     vocab = size("vocab_size")
     if vocab is None:
-        tokens = field(reader, "tokenizer.ggml.tokens")
+        tokens = field(reader, "tokenizer.ggml.tokens", path=path)
         vocab = len(tokens) if tokens is not None else None
     if vocab is None and "token_embd.weight" in names:
         vocab = int(_shape(next(t for t in reader.tensors if t.name == "token_embd.weight"))[0])
@@ -120,6 +125,8 @@ def config_from_gguf(reader: Any, path: str = "") -> ModelConfig:
     qkv_bias = "blk.0.attn_q.bias" in names
     inter, layers = size("feed_forward_length", required=True), size("block_count", required=True)
     kv_heads = size("attention.head_count_kv", heads)
+    special = {k: field(reader, f"tokenizer.ggml.{k}_token_id", path=path)
+               for k in ("bos", "eos", "padding")}
     try:
         return ModelConfig(
             vocab_size=int(vocab), hidden_size=hidden,
@@ -131,9 +138,8 @@ def config_from_gguf(reader: Any, path: str = "") -> ModelConfig:
             o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_down.bias" in names,
             qk_norm="blk.0.attn_q_norm.weight" in names,
             tie_word_embeddings="output.weight" not in names, model_type=arch,
-            bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
-            eos_token_id=field(reader, "tokenizer.ggml.eos_token_id"),
-            pad_token_id=field(reader, "tokenizer.ggml.padding_token_id"),
+            bos_token_id=special["bos"], eos_token_id=special["eos"],
+            pad_token_id=special["padding"],
         )
     except (TypeError, ValueError) as e:  # ModelConfig's checks, a non-numeric field
         raise ValueError(f"{path}: {e}") from e

@@ -78,11 +78,11 @@ def _safetensors_files(folder: str) -> tuple[list[str], dict[str, str] | None]:
     """-> (weight files, {tensor name: file} from the shard index or None when unsharded)."""
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        doc = _read_json(index)
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: no weight_map")
-        weight_map = {name: os.path.join(folder, file) for name, file in weight_map.items()}
+        weight_map = {name: _shard_path(folder, index, file) for name, file in weight_map.items()}
         for file in set(weight_map.values()):
             if not os.path.isfile(file):
                 raise CheckpointError(f"{index}: shard {os.path.basename(file)!r} is missing")
@@ -94,6 +94,28 @@ def _safetensors_files(folder: str) -> tuple[list[str], dict[str, str] | None]:
             raise _refuse_pickle(os.path.join(folder, pickles[0]))
         raise CheckpointError(f"{folder}: no *.safetensors weights found")
     return [os.path.join(folder, f) for f in files], None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def _shard_path(folder: str, index: str, file: Any) -> str:
+    """A shard named by the index, as a path inside folder; names that leave it (absolute,
+    '..') are refused: an index must not make the loader read files elsewhere."""
+    if not isinstance(file, str) or not file.endswith(".safetensors"):
+        raise CheckpointError(f"{index}: shard names must be *.safetensors file names, "
+                              f"got {file!r}")
+    path = os.path.normpath(os.path.join(folder, file))
+    rel = os.path.relpath(path, os.path.normpath(folder))
+    if os.path.isabs(file) or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        raise CheckpointError(f"{index}: shard {file!r} is outside the checkpoint folder "
+                              f"{folder}; refused")
+    return path
 
 
 def _read_headers(folder: str) -> dict[str, tuple[str, tuple[int, ...], str]]:
@@ -158,8 +180,7 @@ def read_hf_config(folder: str) -> ModelConfig:
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{folder}: no config.json")
-    with open(cfg_path) as f:
-        return ModelConfig.from_hf_config(json.load(f), where=cfg_path)
+    return ModelConfig.from_hf_config(_read_json(cfg_path), where=cfg_path)
 
 
 def _load_hf_folder(folder: str, dtype: Any, device: torch.device) -> LlamaDecoder:
@@ -226,6 +247,13 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     if os.path.isdir(path):
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     if path.endswith(".gguf") and os.path.isfile(path):
+        from npr.models.gguf import open_reader
+
+        open_reader(path)  # a truncated or corrupt file: an error naming it
         folder, name = os.path.split(os.path.abspath(path))
-        return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        except Exception as e:  # transformers' GGUF parser: raw struct / Unicode errors
+            raise CheckpointError(f"{path}: cannot build a tokenizer from this GGUF file's "
+                                  f"metadata ({type(e).__name__}: {e})") from e
     raise FileNotFoundError(f"{path}: expected a Hugging Face folder or an existing .gguf file")
