@@ -131,9 +131,16 @@ def _cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_train(argv: list[str]) -> int:
+    from npr.train.__main__ import main as train_main
+
+    return train_main(argv)
+
+
 COMMANDS = {
     "bench": _cmd_bench,
     "generate": _cmd_generate,
+    "train": _cmd_train,
 }
 
 
