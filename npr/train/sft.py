@@ -251,3 +251,50 @@ class SFTTrainer:
         finally:
             log.close(os.path.join(T.out_dir, "metrics.png") if T.plot else None)
         return history
+
+
+def load_sft_jsonl(path: str, tokenizer: Any, template: str = "{problem}") -> list[SFTExample]:
+    """Rows {"prompt": str, "response": str, "parallel": bool (default true)}; the prompt text is
+    template.format(problem=prompt). Raises ValueError naming the line of a bad row."""
+    import json
+
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
+            if not isinstance(row, dict) or not {"prompt", "response"} <= set(row):
+                raise ValueError(f"{path}:{n}: a row needs the keys 'prompt' and 'response'")
+            try:
+                out.append(encode_example(tokenizer, template.format(problem=row["prompt"]),
+                                          row["response"], bool(row.get("parallel", True))))
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: {e}") from e
+    if not out:
+        raise ValueError(f"{path}: no rows")
+    return out
+
+
+def run_from_config(cfg: SFTConfig, ctx: DistContext | None = None) -> list[dict[str, float]]:
+    """The generic run (`python -m npr.train sft`): model.path, a JSONL data.path of
+    {"prompt", "response"}; model.add_tags adds the tag tokens first."""
+    import npr
+    from npr.tokenizer import add_tag_tokens
+
+    if not cfg.model.path or not cfg.data.path:
+        raise ValueError("model.path and data.path are required")
+    ctx = ctx or init_distributed(cfg.dist.backend, cfg.model.device)
+    torch.manual_seed(cfg.train.seed)
+    model = npr.load_model(cfg.model.path, dtype=cfg.model.dtype, device=str(ctx.device))
+    tok = npr.load_tokenizer(cfg.model.path)
+    if cfg.model.add_tags:
+        add_tag_tokens(tok, model)
+    try:
+        examples = load_sft_jsonl(cfg.data.path, tok, cfg.data.template)
+        return SFTTrainer(cfg, model, tok, examples, ctx=ctx).run()
+    finally:
+        ctx.close()
