@@ -543,7 +543,8 @@ void Scheduler::finish_sample(int64_t request_id, int32_t sample, Finish reason,
   Request& r = *it->second;
   if (sample < 0 || sample >= static_cast<int32_t>(r.trunks.size()))
     throw std::invalid_argument("Scheduler: bad sample index " + std::to_string(sample));
-  if (!last_rows_.empty()) throw std::logic_error("Scheduler: finish_sample() between schedule() and update()");
+  // Mid-step is fine: update() skips the rows of a finished trunk (and of its steps), and only
+  // counts computed tokens for nodes that still hold a table.
   finish(r, node(r.trunks[sample]), reason, detail);
 }
 

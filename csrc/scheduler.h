@@ -134,7 +134,9 @@ class Scheduler {
   Plan schedule();
   // tokens/logprobs: one per sampling row of the last plan, in order. Returns finished ids.
   std::vector<int64_t> update(const std::vector<int32_t>& tokens, const std::vector<float>& logprobs);
-  // Ends one sample (stop strings are matched in Python) or all of a request.
+  // Ends one sample (stop strings are matched in Python) or all of a request. Allowed between
+  // schedule() and update() too (a logits processor failed): that sample's rows then get no
+  // token from the update, its KV blocks are freed, the request finishes if it was the last.
   void finish_sample(int64_t request_id, int32_t sample, Finish reason, const std::string& detail);
   std::vector<int64_t> abort(const std::vector<int64_t>& request_ids);
   std::vector<int64_t> take_finished();

@@ -15,7 +15,7 @@ import torch
 from npr import _ext
 from npr.engine.outputs import CompletionOutput, RequestOutput
 from npr.engine.runner import ModelRunner
-from npr.engine.sampling import Sampler
+from npr.engine.sampling import ProcessorError, Sampler
 from npr.engine.sampling_params import MODE_IDS, SamplingParams
 from npr.tags import TAGS
 
@@ -182,8 +182,16 @@ class Engine:
         return bool(self.scheduler.has_unfinished())
 
     def step(self) -> list[RequestOutput]:
-        """One batch step; returns the requests that finished in it."""
+        """One batch step; returns the requests that finished in it.
+
+        A logits processor whose result cannot be sampled from (not a tensor [V] of floats, any
+        NaN or +inf, every token at -inf) finishes its request, every sample, with
+        finish_reason "abort" and a finish_detail naming the processor and the request; the
+        other requests go on. An exception raised inside a processor propagates (with a note
+        naming it and the request): the requests of the step are aborted, the engine stays
+        usable."""
         plan = self.scheduler.schedule()
+        failed: dict[int, str] = {}  # sampling row -> why its request was aborted
         try:
             n_rows = len(plan["row_node"])
             tokens: list[int] = []
@@ -195,7 +203,11 @@ class Engine:
                 self.stats["steps"] += 1
                 self.stats["rows"] += n_rows
                 self.stats["tokens"] += len(plan["input_ids"])
-                tokens, logprobs = self._sample(plan, logits)
+                tokens, logprobs = self._sample(plan, logits, failed)
+            for i, why in failed.items():  # before update(): these rows get no token
+                rid = int(plan["sample_request"][i])
+                for s in range(self._requests[rid].params.n):
+                    self.scheduler.finish_sample(rid, s, "abort", why)
         except BaseException:
             # Leave no half-done step behind: abort what was in it, keep the engine usable.
             cancelled = set(self.scheduler.cancel_step())
@@ -209,13 +221,17 @@ class Engine:
         self._pending_finished = []
         if self.on_token is not None:
             for i, tok in enumerate(tokens):
+                if i in failed:
+                    continue
                 self.on_token(int(plan["sample_request"][i]), int(plan["sample_index"][i]),
                               int(plan["sample_branch"][i]), tok)
-        finished += self._check_stop_strings(plan, tokens)
+        finished += self._check_stop_strings(plan, tokens, failed)
         return [self._collect(rid) for rid in finished]
 
-    def _sample(self, plan: dict[str, Any], logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        """logits: [S, V] for the sampling rows in plan order."""
+    def _sample(self, plan: dict[str, Any], logits: torch.Tensor,
+                failed: dict[int, str]) -> tuple[list[int], list[float]]:
+        """logits: [S, V] for the sampling rows in plan order. Rows whose processors returned
+        unusable logits go into failed (row -> message) with a placeholder token."""
         S = logits.shape[0]
         tokens = [0] * S
         logprobs = [0.0] * S
@@ -227,12 +243,15 @@ class Engine:
                 simple.append(i)
                 continue
             node = int(plan["sample_node"][i])
-            tokens[i], logprobs[i] = self.sampler.sample_row(
-                logits[i], p, request_id=req.request_id, sample=int(plan["sample_index"][i]),
-                branch=int(plan["sample_branch"][i]), in_step=bool(plan["sample_in_step"][i]),
-                visible=lambda node=node: list(self.scheduler.visible_tokens(node)),
-                step_tokens=lambda node=node: list(self.scheduler.step_tokens(node)),
-            )
+            try:
+                tokens[i], logprobs[i] = self.sampler.sample_row(
+                    logits[i], p, request_id=req.request_id, sample=int(plan["sample_index"][i]),
+                    branch=int(plan["sample_branch"][i]), in_step=bool(plan["sample_in_step"][i]),
+                    visible=lambda node=node: list(self.scheduler.visible_tokens(node)),
+                    step_tokens=lambda node=node: list(self.scheduler.step_tokens(node)),
+                )
+            except ProcessorError as e:
+                failed[i] = str(e)
         if simple:
             idx = torch.tensor(simple)
             sub = logits[idx]
@@ -242,14 +261,15 @@ class Engine:
                 tokens[i], logprobs[i] = int(top[j]), float(lp[j])
         return tokens, logprobs
 
-    def _check_stop_strings(self, plan: dict[str, Any], tokens: list[int]) -> list[int]:
+    def _check_stop_strings(self, plan: dict[str, Any], tokens: list[int],
+                            failed: dict[int, str]) -> list[int]:
         """Stop strings apply to the trunk text (steps are exempt); matched on the trunk's text
         decoded incrementally, token by token."""
         finished: list[int] = []
         for i, tok in enumerate(tokens):
             rid = int(plan["sample_request"][i])
             req = self._requests.get(rid)
-            if req is None or not req.params.stop or plan["sample_in_step"][i]:
+            if req is None or not req.params.stop or plan["sample_in_step"][i] or i in failed:
                 continue
             sample = int(plan["sample_index"][i])
             if sample in req.stop_hit:

@@ -38,6 +38,37 @@ def apply_repetition_penalty(logits: torch.Tensor, tokens: list[int], penalty: f
     return logits
 
 
+class ProcessorError(ValueError):
+    """A logits processor returned something that cannot be sampled from. The engine finishes
+    that request with finish_reason "abort" and this message as finish_detail."""
+
+
+def processor_name(fn: Callable) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{name}"
+
+
+def check_logits(out: object, vocab: int, what: str) -> torch.Tensor:
+    """out must be logits [vocab] of a floating dtype, without NaN or +inf, with at least one
+    finite entry (-inf masks tokens). Returns it as fp32; raises ProcessorError naming `what`."""
+    if not isinstance(out, torch.Tensor):
+        raise ProcessorError(f"{what} returned a {type(out).__name__}, expected a tensor [{vocab}]")
+    if tuple(out.shape) != (vocab,):
+        raise ProcessorError(f"{what} returned shape {list(out.shape)}, expected [{vocab}] "
+                             "(one logit per token of the vocabulary)")
+    if not out.dtype.is_floating_point:
+        raise ProcessorError(f"{what} returned dtype {out.dtype}, expected floating logits")
+    out = out.float()
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        nan, pos = int(torch.isnan(out).sum()), int((out == float("inf")).sum())
+        if nan or pos:
+            raise ProcessorError(f"{what} returned {nan} NaN and {pos} +inf logits (of {vocab})")
+        if bool(bad.all()):
+            raise ProcessorError(f"{what} masked every token (all {vocab} logits are -inf)")
+    return out
+
+
 class Sampler:
     def __init__(self, engine_seed: int) -> None:
         self.engine_seed = engine_seed
@@ -69,12 +100,22 @@ class Sampler:
         visible: Callable[[], list[int]],
         step_tokens: Callable[[], list[int]],
     ) -> tuple[int, float]:
-        """logits: [V] fp32 -> (token id, logprob under the distribution sampled from)."""
+        """logits: [V] fp32 -> (token id, logprob under the distribution sampled from). Raises
+        ProcessorError when a logits processor's result cannot be sampled from; an exception
+        a processor raises propagates, with a note naming the processor and the request."""
         logits = logits.float()
         if params.logits_processors:
             ctx = visible()
-            for fn in params.logits_processors:
-                logits = fn(ctx, logits)
+            V = logits.shape[-1]
+            for k, fn in enumerate(params.logits_processors):
+                what = (f"logits processor #{k} ({processor_name(fn)}) of request {request_id} "
+                        f"(sample {sample}, branch {branch})")
+                try:
+                    out = fn(ctx, logits)
+                except Exception as e:
+                    e.add_note(f"raised in {what}")
+                    raise
+                logits = check_logits(out, V, what)
         if in_step and params.step_repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, step_tokens(), params.step_repetition_penalty)
         if params.greedy:
