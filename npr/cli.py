@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-BENCH_SUITES = ("attention", "kv", "linear", "speedup", "peers")
+BENCH_SUITES = ("attention", "kv", "linear", "speedup", "peers", "papo")
 
 
 def _bench_module(suite: str):

@@ -317,7 +317,10 @@ class RLTrainer:
             "train_tok_s": tt / train_s if train_s > 0 else 0.0,
             "cursor": float(self.cursor),
         }
-        out.update(times)
+        # Each phase's slowest rank (the ranks wait for each other at the collectives).
+        keys_t = sorted(times)
+        slowest = ctx.all_reduce_max(torch.tensor([times[k] for k in keys_t], dtype=torch.float64))
+        out.update({k: float(v) for k, v in zip(keys_t, slowest)})
         return out
 
     # ------------------------------------------------------------------ the run
