@@ -16,7 +16,7 @@ from npr import _ext
 from npr.engine.outputs import CompletionOutput, RequestOutput
 from npr.engine.runner import ModelRunner
 from npr.engine.sampling import ProcessorError, Sampler
-from npr.engine.sampling_params import MODE_IDS, SamplingParams
+from npr.engine.sampling_params import MODE_IDS, SamplingParams, is_int, token_ids
 from npr.tags import TAGS
 
 
@@ -150,7 +150,8 @@ class Engine:
             raise TypeError(f"Engine: sampling params must be SamplingParams, got {type(params).__name__}")
         if self._sleeping:
             raise RuntimeError("Engine: sleeping; call wake_up() first")
-        ids = list(input_ids) if input_ids is not None else self._encode(prompt if prompt is not None else "")
+        ids = (token_ids(input_ids, "input_ids") if input_ids is not None
+               else self._encode(prompt if prompt is not None else ""))
         self._validate(ids, params)
         rid = self._next_id
         self._next_id += 1
@@ -162,12 +163,17 @@ class Engine:
         return rid
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        """ids: Python ints already (token_ids)."""
         if not ids:
             raise ValueError("Engine: empty prompt")
         vocab = int(getattr(self.model.config, "vocab_size", 1 << 31))
-        bad = [t for t in ids if not (0 <= int(t) < vocab)]
+        bad = [t for t in ids if not (0 <= t < vocab)]
         if bad:
             raise ValueError(f"Engine: prompt token id {bad[0]} is outside the vocabulary (size {vocab})")
+        bad = [t for t in params.stop_token_ids or () if not t < vocab]
+        if bad:
+            raise ValueError(f"Engine: stop token id {bad[0]} is outside the vocabulary "
+                             f"(size {vocab}); it could never be sampled")
         if len(ids) >= self.max_context:
             raise ValueError(f"Engine: prompt of {len(ids)} tokens is longer than the model's context "
                              f"({self.max_context} positions, one needed for generation)")
@@ -348,9 +354,21 @@ class Engine:
             prompts = [prompts]
         items: list[tuple[str | None, list[int] | None]]
         if prompts is not None:
+            bad = [p for p in prompts if not isinstance(p, str)]
+            if bad:
+                raise TypeError(f"Engine.generate: prompts must be strings (token ids go in "
+                                f"input_ids=), got {type(bad[0]).__name__}")
             items = [(p, None) for p in prompts]
         else:
-            items = [(None, list(ids)) for ids in input_ids]  # type: ignore[union-attr]
+            if isinstance(input_ids, (str, bytes)) or not hasattr(input_ids, "__iter__"):
+                raise TypeError("Engine.generate: input_ids must be a list of prompts, each a "
+                                f"list of token ids; got {type(input_ids).__name__}")
+            items = []
+            for k, ids in enumerate(input_ids):
+                if is_int(ids):
+                    raise TypeError("Engine.generate: input_ids must be a list of prompts, each a "
+                                    "list of token ids (got a flat list of ints: wrap it in [])")
+                items.append((None, token_ids(ids, f"input_ids[{k}]")))
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(items)
         else:
