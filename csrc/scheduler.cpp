@@ -646,12 +646,6 @@ SampleOutput Scheduler::output(int64_t request_id, int32_t sample) const {
   o.finish = t.finish;
   o.finish_detail = t.finish_detail;
   o.generated_tokens = t.generated;
-  o.critical_path_tokens = static_cast<int64_t>(t.tokens.size()) - 1;
-  for (const auto& f : t.forks) {
-    int64_t m = 0;
-    for (int32_t cid : f.children) m = std::max<int64_t>(m, static_cast<int64_t>(node(cid).tokens.size()));
-    o.critical_path_tokens += m;
-  }
   o.forks = static_cast<int64_t>(t.forks.size());
   return o;
 }

@@ -121,8 +121,7 @@ struct SampleOutput {
   std::vector<float> logprobs;   // NaN where injected
   Finish finish = Finish::None;
   std::string finish_detail;
-  int64_t generated_tokens = 0;
-  int64_t critical_path_tokens = 0;
+  int64_t generated_tokens = 0;  // critical-path tokens: npr.format.critical_path_tokens
   int64_t forks = 0;
 };
 

@@ -127,7 +127,6 @@ void bind_scheduler(py::module_& m) {
              d["finish_reason"] = finish_name(o.finish);
              d["finish_detail"] = o.finish_detail;
              d["generated_tokens"] = o.generated_tokens;
-             d["critical_path_tokens"] = o.critical_path_tokens;
              d["forks"] = o.forks;
              return d;
            },

@@ -382,6 +382,22 @@ def format_score(text: str, max_branches: int = DEFAULT_MAX_BRANCHES) -> float:
 
 # ----------------------------------------------------------------------------- token level
 
+def critical_path_tokens(response_positions: Sequence[int] | torch.Tensor, prompt_len: int) -> int:
+    """Tokens of a response on its critical path: the decode steps it needs when the steps of
+    every block run in parallel (spec §3: the prefix, the longest step of each block, the
+    takeaways and what follows). The prompt is not counted: it is prefilled, not decoded; the
+    ideal speedup of the response is its token count / this. response_positions: the §2
+    position ids of the response's tokens (prompt excluded), which count the depth along that
+    path, so this is max position + 1 - prompt_len (0 for an empty response). The one
+    definition behind Layout.critical_path_tokens and the engine's
+    CompletionOutput.stats["critical_path_tokens"]."""
+    if len(response_positions) == 0:
+        return 0
+    top = (int(response_positions.max()) if isinstance(response_positions, torch.Tensor)
+           else max(int(p) for p in response_positions))
+    return top + 1 - prompt_len
+
+
 @dataclass(frozen=True, eq=False)  # tensors: no elementwise __eq__
 class Layout:
     """Training layout of one token trajectory (spec §2). Tensors are torch.long on CPU, [L]."""
@@ -393,11 +409,27 @@ class Layout:
     hole_end: torch.Tensor  # [L] (its earlier sibling steps); empty hole: start == end == 0
     prompt_len: int
     step_lengths: list[list[int]]  # per block, L_k of each step (tags included)
-    critical_path_tokens: int  # tokens on the critical path if siblings ran in parallel
 
     @property
     def total_tokens(self) -> int:
+        """Prompt and response."""
         return int(self.position_ids.numel())
+
+    @property
+    def response_tokens(self) -> int:
+        return self.total_tokens - self.prompt_len
+
+    @property
+    def critical_path_tokens(self) -> int:
+        """Response tokens on the critical path (module function critical_path_tokens; the
+        prompt is not counted)."""
+        return critical_path_tokens(self.position_ids[self.prompt_len:], self.prompt_len)
+
+    @property
+    def ideal_speedup(self) -> float:
+        """spec §3: response tokens / critical-path tokens (1.0 for an empty response)."""
+        crit = self.critical_path_tokens
+        return self.response_tokens / crit if crit else 1.0
 
     @property
     def num_blocks(self) -> int:
@@ -502,7 +534,6 @@ def layout(
     empty = hole_start == hole_end  # first steps: empty hole, written as 0..0
     hole_start[empty] = 0
     hole_end[empty] = 0
-    critical = L - sum(sum(ls) - max(ls) for ls in step_lengths)
     return Layout(position_ids=position_ids, step_ids=step_ids, block_ids=block_ids,
                   hole_start=hole_start, hole_end=hole_end, prompt_len=prompt_len,
-                  step_lengths=step_lengths, critical_path_tokens=critical)
+                  step_lengths=step_lengths)

@@ -163,7 +163,8 @@ def check_layout(lay: F.Layout, ids: list[int], prompt_len: int, rng: random.Ran
     assert lay.step_ids.tolist() == steps
     assert lay.block_ids.tolist() == blks
     assert lay.total_tokens == L and lay.prompt_len == prompt_len
-    assert lay.critical_path_tokens == pos[-1] + 1  # the last position is the critical path end
+    # positions count depth: the last one ends the critical path (the prompt is not counted)
+    assert lay.critical_path_tokens == pos[-1] + 1 - prompt_len
     assert lay.num_blocks == max(blks) and len(lay.branches) == lay.num_blocks
     assert sum(lay.branches) == max(steps)
     m = lay.mask()
@@ -220,7 +221,7 @@ def test_layout_hand_example():
     assert lay.step_ids.tolist() == [0] * 11 + [1] * 4 + [2] * 3 + [0] * 5
     assert lay.block_ids.tolist() == [0, 0] + [1] * 19 + [0, 0]
     assert lay.step_lengths == [[4, 3]] and lay.branches == [2]
-    assert lay.critical_path_tokens == 20 and lay.total_tokens == 23
+    assert lay.critical_path_tokens == 18 and lay.total_tokens == 23  # 20 positions - 2 prompt
     m = lay.mask()
     assert not m[15:18, 11:15].any() and m[15:18, :11].all() and m[18:, :].tril().sum() > 0
     assert m[18, :19].all()  # the takeaway sees every step

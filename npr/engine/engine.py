@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from npr import _ext
+from npr import format as fmt
 from npr.engine.outputs import CompletionOutput, RequestOutput
 from npr.engine.runner import ModelRunner
 from npr.engine.sampling import ProcessorError, Sampler
@@ -98,8 +99,8 @@ class Engine:
         )
         self.runner = ModelRunner(model, self.num_blocks, block_size, self.dtype, self.device)
         if self.device.type == "cpu" and decode_weights != "plain" and hasattr(model, "pack_weights"):
-            fmt = {"auto": model.dtype, "bf16": torch.bfloat16, "fp16": torch.float16}[decode_weights]
-            model.pack_weights(fmt)
+            packed = {"auto": model.dtype, "bf16": torch.bfloat16, "fp16": torch.float16}[decode_weights]
+            model.pack_weights(packed)
         self.sampler = Sampler(seed)
         self._requests: dict[int, _Request] = {}
         self._pending_finished: list[int] = []   # finished ids not yet returned by step()
@@ -314,7 +315,8 @@ class Engine:
                 injected=list(o["injected"]), finish_reason=o["finish_reason"],
                 structure_valid=self._structure_valid(req, o, text),
                 stats={"generated_tokens": o["generated_tokens"],
-                       "critical_path_tokens": o["critical_path_tokens"],
+                       "critical_path_tokens": fmt.critical_path_tokens(o["position_ids"],
+                                                                        len(req.prompt_ids)),
                        "forks": o["forks"], "wall_time_s": wall},
                 finish_detail=o["finish_detail"],
             ))
@@ -322,8 +324,6 @@ class Engine:
         return RequestOutput(rid, req.prompt, req.prompt_ids, outs)
 
     def _structure_valid(self, req: _Request, o: dict[str, Any], text: str) -> bool:
-        from npr import format as fmt
-
         if o["finish_reason"] in ("invalid_structure", "abort"):
             return False
         if req.params.parallel == "off":

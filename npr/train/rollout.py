@@ -69,7 +69,7 @@ def causal_layout(total: int, prompt_len: int) -> Layout:
     z = torch.zeros(total, dtype=torch.long)
     return Layout(position_ids=torch.arange(total), step_ids=z, block_ids=z.clone(),
                   hole_start=z.clone(), hole_end=z.clone(), prompt_len=prompt_len,
-                  step_lengths=[], critical_path_tokens=total)
+                  step_lengths=[])
 
 
 def lay_out(r: Rollout, tag_ids: dict[str, int] | None, max_branches: int) -> Layout | None:
