@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def make_trainer(out_dir: str, strategy: str, ctx=None):
+def make_trainer(out_dir: str, strategy: str, ctx=None, resume: bool = False):
     from test_train_rollout import forcers
 
     from npr.train.config import RLConfig, load_config
@@ -31,11 +31,11 @@ def make_trainer(out_dir: str, strategy: str, ctx=None):
     model = tiny_model(len(tok), seed=11, layers=2, hidden=64, heads=2, kv_heads=1, head_dim=32)
     make, _ = forcers(tok, max_n=4, blocks=2)
     cfg = load_config(RLConfig, overrides=[
-        f"train.out_dir='{out_dir}'", "train.resume=false", "train.progress=false",
+        f"train.out_dir='{out_dir}'", f"train.resume={str(resume).lower()}", "train.progress=false",
         "train.plot=false", "train.steps=2", "train.micro_batch_tokens=300",
         "rollout.prompts_per_step=4", "rollout.samples_per_prompt=3",
         "rollout.max_new_tokens=200", "optim.optimizer='sgd'", "optim.lr=0.5",
-        "optim.max_grad_norm=0",
+        "optim.max_grad_norm=0.5",  # clipped: the norm is of the global gradient
         f"dist.strategy='{strategy}'"])
     prompts = ShuffledPrompts([Prompt(answer="1", text=f"p{i} xy"[: 2 + i % 5]) for i in range(8)])
     return RLTrainer(cfg, model, tok, CharReward(), prompts, ctx=ctx, processors=make)
@@ -48,10 +48,16 @@ def _worker(out_dir: str, strategy: str) -> None:
     t = make_trainer(out_dir, strategy, ctx)
     hist = t.run()
     state = gather_full_state(t.train_model)
+    norms = [h["grad_norm"] for h in hist]
     sharded = any(hasattr(p, "full_tensor") for p in t.train_model.parameters())
+    # the checkpoint run() wrote at the end (optimizer sharded under FSDP) loads back
+    back = make_trainer(out_dir, strategy, ctx, resume=True)
+    assert back.step == 2 and back.resumed_from
+    again = gather_full_state(back.train_model)
+    assert all(torch.equal(again[n], v) for n, v in state.items())
     torch.save({"params": state, "threads": torch.get_num_threads(), "world": ctx.world_size,
                 "sharded": sharded,
-                "losses": [h["loss"] for h in hist], "rollouts": [h["rollouts"] for h in hist]},
+                "losses": [h["loss"] for h in hist], "norms": norms, "rollouts": [h["rollouts"] for h in hist]},
                os.path.join(out_dir, f"rank{ctx.rank}.pt"))
     ctx.close()
 
@@ -77,6 +83,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, strategy):
     one = make_trainer(str(tmp_path / "one"), strategy)
     hist = one.run()
     assert [h["loss"] for h in hist] == pytest.approx(r0["losses"], rel=1e-4, abs=1e-7)
+    assert [h["grad_norm"] for h in hist] == pytest.approx(r0["norms"], rel=1e-5)
+    assert max(r0["norms"]) > 0.5  # the clip was active
     for name, p in one.model.named_parameters():
         torch.testing.assert_close(r0["params"][name], p.detach(), rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"{name}: {m}")

@@ -32,7 +32,8 @@ from npr.train.logprobs import token_logprobs
 from npr.train.losses import policy_loss, token_weights
 from npr.train.metrics import MetricsLog
 from npr.train.rewards import RewardFn, Scored, soft_overlong_penalty
-from npr.train.rollout import Rollout, from_outputs, lay_out, pack_rollouts, split_by_tokens
+from npr.train.rollout import Rollout, pack_rollouts, split_by_tokens
+from npr.train.rollout import generate as rollout_gen
 from npr.train.update import build_optimizer, build_scheduler, dummy_batch, update
 
 # prompt, its token ids -> the logits processors of its request (None: none)
@@ -114,10 +115,7 @@ class RLTrainer:
         prompts = [self.prompts(d) for d in draws]
         ids = [self._prompt_ids(p) for p in prompts]
         params = [self._params(p, i, d) for p, i, d in zip(prompts, ids, draws)]
-        outs = self.engine.generate(input_ids=ids, sampling_params=params)
-        rollouts = from_outputs(outs, draws, self.cfg.rollout.parallel)
-        for r in rollouts:
-            lay_out(r, self.engine.tag_ids, self.cfg.rollout.max_branches)
+        rollouts = rollout_gen(self.engine, ids, params, draws, self.cfg.rollout.max_branches)
         golds = [prompts[draws.index(r.group)].answer for r in rollouts]
         scored = self.reward_fn([r.text for r in rollouts], golds)
         if len(scored) != len(rollouts):
@@ -198,7 +196,7 @@ class RLTrainer:
                                torch.tensor([r.group for r in rollouts], dtype=torch.long),
                                valid, scale=A.scale, eps=A.eps, all_reduce=ctx.all_reduce_sum)
         train = [i for i in range(len(rollouts)) if bool(valid[i])]
-        # Mini-batches: contiguous runs of groups (a group never splits).
+        # Mini-batches: every M-th group (a group never splits).
         groups = sorted({rollouts[i].group for i in train})
         chunks = [set(groups[k::A.minibatches]) for k in range(A.minibatches)]
         loss_total, fwd_s, bwd_s, opt_s = 0.0, 0.0, 0.0, 0.0

@@ -64,6 +64,21 @@ def from_outputs(request_outputs: Sequence[Any], groups: Sequence[int],
     return out
 
 
+def generate(engine: Any, prompt_ids: Sequence[Sequence[int]], params: Any,
+             groups: Sequence[int], max_branches: int | None = None) -> list[Rollout]:
+    """prompts (token ids) -> engine.generate (one SamplingParams or one per prompt, logprobs
+    on) -> laid-out Rollouts, n per prompt, group = groups[i] for prompt i."""
+    outs = engine.generate(input_ids=[list(p) for p in prompt_ids], sampling_params=params)
+    plist = params if isinstance(params, (list, tuple)) else [params] * len(outs)
+    rollouts: list[Rollout] = []
+    for o, g, sp in zip(outs, groups, plist):
+        rollouts += from_outputs([o], [g], sp.parallel)
+    mb = max_branches if max_branches is not None else engine.max_branches
+    for r in rollouts:
+        lay_out(r, engine.tag_ids, mb)
+    return rollouts
+
+
 def causal_layout(total: int, prompt_len: int) -> Layout:
     """The layout of a plain (parallel="off") trajectory: positions 0..L-1, no steps, no holes."""
     z = torch.zeros(total, dtype=torch.long)
