@@ -143,7 +143,7 @@ class RLTrainer:
         share = P // ctx.world_size
         kept: list[tuple[list[Rollout], list[float]]] = []
         m = dict(n=0.0, reward=0.0, correct=0.0, format_ok=0.0, parallel=0.0, valid=0.0,
-                 gen_tokens=0.0, groups_dropped=0.0)
+                 gen_tokens=0.0, groups_dropped=0.0, groups_surplus=0.0)
         rounds = 0
         while True:
             base = self.cursor + rounds * P + ctx.rank * share
@@ -166,8 +166,11 @@ class RLTrainer:
                 if cfg.algo.drop_equal_groups:
                     eq = equal_reward_groups(torch.tensor(rew), torch.zeros(len(rs), dtype=torch.long),
                                              torch.tensor([self._valid(r) for r in rs]))
-                    if bool(eq[0]) or len(kept) >= share:
+                    if bool(eq[0]):
                         m["groups_dropped"] += 1
+                        continue
+                    if len(kept) >= share:  # enough groups with signal already
+                        m["groups_surplus"] += 1
                         continue
                 kept.append((rs, rew))
             rounds += 1
@@ -302,6 +305,7 @@ class RLTrainer:
             "format_rate": tot["format_ok"] / n, "parallel_rate": tot["parallel"] / n,
             "valid_rate": tot["valid"] / n, "rollouts": tot["n"],
             "groups_kept": tot["groups_kept"], "groups_dropped": tot["groups_dropped"],
+            "groups_surplus": tot["groups_surplus"],
             "refill_rounds": rm["rounds"],
             "adv_mean": s_a / max(n_a, 1), "adv_abs_mean": abs_a / max(n_a, 1),
             "adv_std": math.sqrt(max(ss_a / max(n_a, 1) - (s_a / max(n_a, 1)) ** 2, 0.0)),
