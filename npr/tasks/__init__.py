@@ -1,0 +1,122 @@
+"""Synthetic parallel-reasoning tasks and their data sets.
+
+A task spec names a task and optionally its knobs: "groupsum" or "groupsum:k=3-5,m=4" (k groups
+= branches, m digits per group = step length; "a-b" draws uniformly from a..b). Training draws
+unlimited fresh problems from a seed (`TaskPrompts`); evaluation sets (`eval_set`) come from the
+held-out bucket of problem statements, which training never draws.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from typing import Any
+
+from npr.tasks.groupsum import GroupSum, Problem, is_heldout, prompt_text
+
+TASKS = {"groupsum": GroupSum}
+__all__ = ["TASKS", "GroupSum", "Problem", "get_task", "TaskPrompts", "eval_set", "write_jsonl",
+           "read_jsonl"]
+
+
+def _range(key: str, value: str) -> tuple[int, int]:
+    lo, sep, hi = value.partition("-")
+    try:
+        a = int(lo)
+        b = int(hi) if sep else a
+    except ValueError:
+        raise ValueError(f"task spec: {key}={value} is not an int or a range a-b") from None
+    return a, b
+
+
+def get_task(spec: str) -> GroupSum:
+    """"groupsum" | "groupsum:k=2-4,m=3-5" -> the task; ValueError names a bad part."""
+    name, _, args = spec.partition(":")
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    kw: dict[str, int] = {}
+    for part in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("k", "m"):
+            raise ValueError(f"task spec {spec!r}: bad knob {part!r} (knobs: k=a-b, m=a-b)")
+        kw[f"{key}_min"], kw[f"{key}_max"] = _range(key, value)
+    return TASKS[name](**kw)
+
+
+def task_spec(task: GroupSum) -> str:
+    return f"{task.name}:k={task.k_min}-{task.k_max},m={task.m_min}-{task.m_max}"
+
+
+def _rng(seed: int, draw: int, salt: int) -> random.Random:
+    return random.Random((seed * 1_000_003 + draw) * 7 + salt)
+
+
+class TaskPrompts:
+    """PromptSource of npr.train.data: draw number -> a fresh training problem (never one of the
+    held-out bucket), the same for the same (seed, draw) in any process."""
+
+    def __init__(self, task: GroupSum, seed: int = 0) -> None:
+        self.task, self.seed = task, seed
+
+    def problem(self, draw: int) -> Problem:
+        if draw < 0:
+            raise ValueError(f"TaskPrompts: draw must be >= 0, got {draw}")
+        rng = _rng(self.seed, draw, 1)
+        while True:
+            p = self.task.sample(rng)
+            if not is_heldout(p.text):
+                return p
+
+    def __call__(self, draw: int) -> Any:
+        from npr.train.data import Prompt
+
+        p = self.problem(draw)
+        return Prompt(answer=p.answer, text=prompt_text(p.text), meta={"problem": p.text})
+
+
+def eval_set(task: GroupSum, n: int, seed: int = 0) -> list[Problem]:
+    """n distinct held-out problems (disjoint from every training draw)."""
+    if n < 1:
+        raise ValueError(f"eval_set: n must be >= 1, got {n}")
+    rng = _rng(seed, 0, 2)
+    seen: set[str] = set()
+    out: list[Problem] = []
+    for _ in range(1000 * n):
+        p = task.sample(rng)
+        if is_heldout(p.text) and p.text not in seen:
+            seen.add(p.text)
+            out.append(p)
+            if len(out) == n:
+                return out
+    raise ValueError(f"eval_set: the task {task_spec(task)} has fewer than {n} distinct held-out "
+                     f"problems (found {len(out)})")
+
+
+def write_jsonl(path: str, problems: Sequence[Problem], task: GroupSum) -> None:
+    """Rows {"problem", "answer", "task"}: `npr eval --data FILE` reads them back with the
+    task's prompt template and exact checker."""
+    with open(path, "w") as f:
+        for p in problems:
+            f.write(json.dumps({"problem": p.text, "answer": p.answer,
+                                "task": task_spec(task)}) + "\n")
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Rows {"problem", "answer"[, "task"]}; ValueError names the line of a bad row."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or "problem" not in row or "answer" not in row:
+                raise ValueError(f"{path}:{n}: a row needs the keys 'problem' and 'answer'")
+            if not isinstance(row["problem"], str):
+                raise ValueError(f"{path}:{n}: 'problem' must be a string")
+            rows.append({**row, "answer": str(row["answer"])})
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
