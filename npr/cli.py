@@ -137,10 +137,32 @@ def _cmd_train(argv: list[str]) -> int:
     return train_main(argv)
 
 
+def _cmd_eval(argv: list[str]) -> int:
+    from npr.tasks import evaluate
+
+    p = argparse.ArgumentParser(prog="npr eval", description="accuracy, format, parallel rate and "
+                                "native vs sequential decoding speed of a model")
+    evaluate.add_arguments(p)
+    evaluate.run(p.parse_args(argv))
+    return 0
+
+
+def _cmd_demo(argv: list[str]) -> int:
+    from npr import demo
+
+    p = argparse.ArgumentParser(prog="npr demo", description="the whole NPR pipeline on a "
+                                "synthetic task: base -> NPR-ZERO -> NPR-BETA -> NPR, and SR")
+    demo.add_arguments(p)
+    demo.main(p.parse_args(argv))
+    return 0
+
+
 COMMANDS = {
+    "demo": _cmd_demo,
     "bench": _cmd_bench,
     "generate": _cmd_generate,
     "train": _cmd_train,
+    "eval": _cmd_eval,
 }
 
 

@@ -9,26 +9,26 @@ import pytest
 
 from npr import format as fmt
 from npr.tasks import TaskPrompts, eval_set, get_task, read_jsonl, task_spec, write_jsonl
-from npr.tasks import groupsum as gs
+from npr.tasks import multiples as gs
 from npr.tasks.tokenizer import build_tokenizer
 
 
 def _brute_answer(text: str) -> int:
     total = 0
     for part in text.split():
-        digits = part.split("=")[1]
-        total += sum(int(c) for c in digits) % 10
+        x, n = part.split("=")[1].split("*")
+        total += int(x) * int(n) % 10
     return total
 
 
-@pytest.mark.parametrize("spec", ["groupsum", "groupsum:k=1-6,m=1-8", "groupsum:k=5,m=7"])
+@pytest.mark.parametrize("spec", ["multiples", "multiples:k=1-8,n=1-9", "multiples:k=5,n=7"])
 def test_problems_answers_and_every_solution_style(spec):
     task = get_task(spec)
     rng = random.Random(spec)
     for _ in range(200):
         p = task.sample(rng)
         assert task.k_min <= p.k <= task.k_max
-        assert all(task.m_min <= len(g) <= task.m_max for g in p.groups)
+        assert all(task.n_min <= n <= task.n_max and task.x_min <= x <= 9 for x, n in p.groups)
         assert gs.parse_problem(p.text) == p
         assert int(p.answer) == _brute_answer(p.text)
         par = gs.parallel_solution(p)
@@ -44,46 +44,48 @@ def test_problems_answers_and_every_solution_style(spec):
 
 
 def test_step_and_takeaway_are_the_local_operations():
-    p = gs.Problem(((3, 5, 2, 7), (8, 1, 9, 2), (4, 4, 6, 0)))
-    assert p.text == "a=3527 b=8192 c=4460" and p.results == [7, 0, 4] and p.answer == "11"
-    assert gs.step_text(p, 0) == "a 33 58 20 77 =7"
-    assert gs.takeaway_text(p) == "a7=7 b0=7 c4=11"
-    assert gs.parallel_solution(p).endswith("<takeaway>a7=7 b0=7 c4=11</takeaway>\\boxed{11}")
+    p = gs.Problem(((7, 5), (3, 8), (9, 4)))
+    assert p.text == "a=7*5 b=3*8 c=9*4" and p.results == [5, 4, 6] and p.answer == "15"
+    assert gs.step_text(p, 0) == "a=7*5 5:7 4:14 3:21 2:28 1:35 a:5"
+    assert gs.takeaway_text(p) == "a:5=5 b:4=9 c:6=15"
+    assert gs.parallel_solution(p).endswith("<takeaway>a:5=5 b:4=9 c:6=15</takeaway>\\boxed{15}")
 
 
 def test_bad_specs_and_problems_are_named():
     with pytest.raises(ValueError, match="unknown task"):
         get_task("sums")
     with pytest.raises(ValueError, match="bad knob"):
-        get_task("groupsum:q=3")
+        get_task("multiples:q=3")
     with pytest.raises(ValueError, match="k=x"):
-        get_task("groupsum:k=x")
+        get_task("multiples:k=x")
     with pytest.raises(ValueError, match="k_min"):
-        get_task("groupsum:k=5-2")
+        get_task("multiples:k=5-2")
     with pytest.raises(ValueError, match="bad group"):
-        gs.parse_problem("a=12 c=34")
+        gs.parse_problem("a=1*2 c=3*4")
+    with pytest.raises(ValueError, match="bad group"):
+        gs.parse_problem("a=12")
     with pytest.raises(ValueError, match="flaw"):
-        gs.flawed_solution(gs.Problem(((1,),)), "nope", random.Random(0))
+        gs.flawed_solution(gs.Problem(((1, 1),)), "nope", random.Random(0))
 
 
 def test_training_draws_are_reproducible_and_never_held_out():
-    task = get_task("groupsum:k=2,m=2")  # a small space: collisions would show
+    task = get_task("multiples:k=2,n=2-3")  # a small space (256 problems): collisions would show
     src = TaskPrompts(task, seed=3)
     a = [src(d) for d in range(300)]
     b = [TaskPrompts(task, seed=3)(d) for d in range(300)]
     assert [(x.text, x.answer) for x in a] == [(x.text, x.answer) for x in b]
     assert all(not gs.is_heldout(x.meta["problem"]) for x in a)
     assert {x.text for x in a} != {x.text for x in (TaskPrompts(task, seed=4)(d) for d in range(300))}
-    held = eval_set(task, 50, seed=0)
-    assert len({p.text for p in held}) == 50 and all(gs.is_heldout(p.text) for p in held)
+    held = eval_set(task, 20, seed=0)
+    assert len({p.text for p in held}) == 20 and all(gs.is_heldout(p.text) for p in held)
     assert not {p.text for p in held} & {x.meta["problem"] for x in a}
-    assert [p.text for p in eval_set(task, 50, seed=0)] == [p.text for p in held]
+    assert [p.text for p in eval_set(task, 20, seed=0)] == [p.text for p in held]
     with pytest.raises(ValueError, match="fewer than"):
-        eval_set(get_task("groupsum:k=1,m=1"), 5)
+        eval_set(get_task("multiples:k=1,n=1"), 5)
 
 
 def test_jsonl_round_trip(tmp_path):
-    task = get_task("groupsum:k=3,m=4")
+    task = get_task("multiples:k=3,n=4")
     probs = eval_set(task, 7, seed=1)
     path = str(tmp_path / "eval.jsonl")
     write_jsonl(path, probs, task)
@@ -102,7 +104,7 @@ def test_tokenizer_round_trips_and_takes_the_tags(tmp_path):
     from npr.tokenizer import add_tag_tokens, step_label_ids
 
     tok = build_tokenizer()
-    p = gs.Problem(((3, 5, 2, 7), (8, 1, 9, 2)))
+    p = gs.Problem(((7, 5), (3, 8)))
     text = gs.prompt_text(p.text) + gs.parallel_solution(p)
     ids = tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text

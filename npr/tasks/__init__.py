@@ -1,7 +1,7 @@
 """Synthetic parallel-reasoning tasks and their data sets.
 
-A task spec names a task and optionally its knobs: "groupsum" or "groupsum:k=3-5,m=4" (k groups
-= branches, m digits per group = step length; "a-b" draws uniformly from a..b). Training draws
+A task spec names a task and optionally its knobs: "multiples" or "multiples:k=3-5,n=4" (k groups
+= branches, n terms per group = step length; "a-b" draws uniformly from a..b). Training draws
 unlimited fresh problems from a seed (`TaskPrompts`); evaluation sets (`eval_set`) come from the
 held-out bucket of problem statements, which training never draws.
 """
@@ -12,10 +12,10 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from npr.tasks.groupsum import GroupSum, Problem, is_heldout, prompt_text
+from npr.tasks.multiples import Multiples, Problem, is_heldout, prompt_text
 
-TASKS = {"groupsum": GroupSum}
-__all__ = ["TASKS", "GroupSum", "Problem", "get_task", "TaskPrompts", "eval_set", "write_jsonl",
+TASKS = {"multiples": Multiples}
+__all__ = ["TASKS", "Multiples", "Problem", "get_task", "TaskPrompts", "eval_set", "write_jsonl",
            "read_jsonl"]
 
 
@@ -29,22 +29,22 @@ def _range(key: str, value: str) -> tuple[int, int]:
     return a, b
 
 
-def get_task(spec: str) -> GroupSum:
-    """"groupsum" | "groupsum:k=2-4,m=3-5" -> the task; ValueError names a bad part."""
+def get_task(spec: str) -> Multiples:
+    """"multiples" | "multiples:k=2-4,n=2-6" -> the task; ValueError names a bad part."""
     name, _, args = spec.partition(":")
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
     kw: dict[str, int] = {}
     for part in filter(None, (a.strip() for a in args.split(","))):
         key, eq, value = part.partition("=")
-        if not eq or key not in ("k", "m"):
-            raise ValueError(f"task spec {spec!r}: bad knob {part!r} (knobs: k=a-b, m=a-b)")
+        if not eq or key not in ("k", "n"):
+            raise ValueError(f"task spec {spec!r}: bad knob {part!r} (knobs: k=a-b, n=a-b)")
         kw[f"{key}_min"], kw[f"{key}_max"] = _range(key, value)
     return TASKS[name](**kw)
 
 
-def task_spec(task: GroupSum) -> str:
-    return f"{task.name}:k={task.k_min}-{task.k_max},m={task.m_min}-{task.m_max}"
+def task_spec(task: Multiples) -> str:
+    return task.spec
 
 
 def _rng(seed: int, draw: int, salt: int) -> random.Random:
@@ -55,7 +55,7 @@ class TaskPrompts:
     """PromptSource of npr.train.data: draw number -> a fresh training problem (never one of the
     held-out bucket), the same for the same (seed, draw) in any process."""
 
-    def __init__(self, task: GroupSum, seed: int = 0) -> None:
+    def __init__(self, task: Multiples, seed: int = 0) -> None:
         self.task, self.seed = task, seed
 
     def problem(self, draw: int) -> Problem:
@@ -74,7 +74,7 @@ class TaskPrompts:
         return Prompt(answer=p.answer, text=prompt_text(p.text), meta={"problem": p.text})
 
 
-def eval_set(task: GroupSum, n: int, seed: int = 0) -> list[Problem]:
+def eval_set(task: Multiples, n: int, seed: int = 0) -> list[Problem]:
     """n distinct held-out problems (disjoint from every training draw)."""
     if n < 1:
         raise ValueError(f"eval_set: n must be >= 1, got {n}")
@@ -92,7 +92,7 @@ def eval_set(task: GroupSum, n: int, seed: int = 0) -> list[Problem]:
                      f"problems (found {len(out)})")
 
 
-def write_jsonl(path: str, problems: Sequence[Problem], task: GroupSum) -> None:
+def write_jsonl(path: str, problems: Sequence[Problem], task: Multiples) -> None:
     """Rows {"problem", "answer", "task"}: `npr eval --data FILE` reads them back with the
     task's prompt template and exact checker."""
     with open(path, "w") as f:
