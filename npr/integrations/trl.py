@@ -376,7 +376,19 @@ def _build_rloo() -> type:
             if images is not None or multimodal_fields:
                 raise NotImplementedError("ParallelRLOOTrainer: multimodal prompts are not "
                                           "supported")
-            return self._npr_rollouts.generate(prompt_ids, self)["completion_ids"]
+            res = self._npr_rollouts.generate(prompt_ids, self)
+            keys = (self._npr_rollouts.text_field, "npr_structure_valid", "npr_finish_reason")
+            self._npr_extras = (res["completion_ids"], {k: res[k] for k in keys})
+            return res["completion_ids"]
+
+        def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+            # RLOO passes reward functions the dataset columns only: add the rollout's fields
+            # (npr_text with the tags, ...) to the rows they belong to.
+            ids, extras = getattr(self, "_npr_extras", (None, {}))
+            if ids is not None and [list(x) for x in completion_ids_list] == ids:
+                inputs = [dict(x, **{k: v[i] for k, v in extras.items()})
+                          for i, x in enumerate(inputs)]
+            return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
     return ParallelRLOOTrainer
 
