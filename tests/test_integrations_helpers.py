@@ -37,9 +37,11 @@ def labels_of(tok) -> list[list[int]]:
 
 
 def random_forcer(tok, tag_ids, prompt_len: int, rng: random.Random, *, max_blocks: int = 3,
-                  max_branches: int = 8) -> ForcedStructure:
-    """A random structure: 1..max_blocks blocks of 1..max_branches steps, ragged step lengths."""
-    branches = [rng.randint(1, max_branches) for _ in range(rng.randint(1, max_blocks))]
+                  max_branches: int = 8, branches: list[int] | None = None) -> ForcedStructure:
+    """A random structure: 1..max_blocks blocks of 1..max_branches steps (or `branches`), ragged
+    step lengths."""
+    if branches is None:
+        branches = [rng.randint(1, max_branches) for _ in range(rng.randint(1, max_blocks))]
     lens = {(b, k): rng.randint(1, 9) for b in range(len(branches)) for k in range(1, 9)}
     return ForcedStructure(tag_ids=tag_ids, labels=labels_of(tok), eos_id=tok.eos_token_id,
                            prompt_len=prompt_len, branches=branches,

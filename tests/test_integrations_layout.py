@@ -37,9 +37,8 @@ def rollouts(engine):
     for r in range(6):
         ids = tok.encode("".join(rng.choice(CHARS) for _ in range(rng.randint(1, 12))),
                          add_special_tokens=False)
-        rec = RawRecorder(random_forcer(tok, engine.tag_ids, len(ids), rng))
-        if r == 0:
-            rec.inner.branches = [8, 1, 3]  # the widest fork the engine allows
+        widest = [8, 1, 3] if r == 0 else None  # the widest fork the engine allows
+        rec = RawRecorder(random_forcer(tok, engine.tag_ids, len(ids), rng, branches=widest))
         prompts.append(ids)
         recorders.append(rec)
         params.append(npr.SamplingParams(temperature=1.0, max_new_tokens=1500, n=2,
