@@ -336,3 +336,21 @@ def test_weight_names_that_do_not_match_the_engine(folder, tmp_path):
     assert sync_weights(eng, shifted) == len(shifted)
     assert torch.equal(eng.model.hf_weight_map()["model.norm.weight"],
                        shifted["module.model.norm.weight"])
+
+
+def test_frameworks_are_imported_lazily_with_a_clear_message():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import npr.integrations.layout, npr.integrations.trl as t, npr.integrations.verl\n"
+        "assert 'trl' not in sys.modules and 'verl' not in sys.modules, 'imported eagerly'\n"
+        "sys.modules['trl'] = None  # as if not installed\n"
+        "try:\n"
+        "    t.ParallelGRPOTrainer\n"
+        "except ImportError as e:\n"
+        "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'npr[trl]'" in out.stdout
