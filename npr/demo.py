@@ -59,7 +59,7 @@ def full_config(seed: int = 0) -> DemoConfig:
     train = {"micro_batch_tokens": 2048, "save_every": 5, "seed": seed}
     return DemoConfig(
         seed=seed,
-        pretrain=PretrainConfig(steps=800, batch_size=16, lr=3e-3, seed=seed),
+        pretrain=PretrainConfig(steps=600, batch_size=16, lr=3e-3, seed=seed),
         zero={"rollout": rollout, "optim": {"lr": 3e-4, "warmup_steps": 2},
               "train": {**train, "steps": 16}},
         beta={"sample": {"problems": 128, "tries": 8, "per_round": 4, "max_new_tokens": 320},
@@ -79,8 +79,9 @@ def quick_config(seed: int = 0) -> DemoConfig:
     return DemoConfig(
         seed=seed, task="multiples:k=2,n=1-2",
         pretrain=PretrainConfig(task="multiples:k=2,n=1-2", hidden_size=64, num_layers=2,
-                                num_heads=2, head_dim=32, intermediate_size=128, steps=60,
-                                batch_size=8, lr=3e-3, warmup_steps=10, seed=seed),
+                                num_heads=2, head_dim=32, intermediate_size=128, steps=200,
+                                batch_size=8, lr=5e-3, warmup_steps=10, p_parallel=0.7,
+                                p_flawed=0.2, seed=seed),
         zero={"rollout": rollout, "optim": {"lr": 1e-4}, "train": {**train, "steps": 2}},
         beta={"sample": {"problems": 8, "tries": 4, "per_round": 4, "max_new_tokens": 96,
                          "require_correct": False},
@@ -204,12 +205,13 @@ class Demo:
             if os.path.isfile(cache):
                 with open(cache) as f:
                     d = json.load(f)
-                if d.get("model") == path:
+                if d.get("model") == path and d.get("k") == c.eval_k:
                     results[row] = _result(d)
                     continue
             r = ev.evaluate(path, items, k=c.eval_k, temperature=c.eval_temperature,
                             max_new_tokens=c.max_new_tokens, seed=c.seed, checker="exact",
-                            repeats=c.eval_repeats, name=path, data=task.spec)
+                            repeats=c.eval_repeats, name=path, data=task.spec,
+                            parallel="off" if row == "SR" else None)
             with open(cache, "w") as f:
                 json.dump(r.to_dict(), f, indent=2)
             results[row] = r

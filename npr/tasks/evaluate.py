@@ -131,19 +131,36 @@ def make_engine(model: Any, tokenizer: Any, prompts: Sequence[str], *, rows: int
 def accuracy_pass(engine: Any, items: Sequence[EvalItem], *, k: int = 1, temperature: float = 0.0,
                   max_new_tokens: int = 512, seed: int = 0, checker: str = "exact",
                   max_branches: int = 8, progress: bool = False, name: str = "",
-                  data: str = "") -> EvalResult:
-    """k samples per problem -> accuracy, format, parallel rate (see the module doc)."""
+                  data: str = "", parallel: str | None = None) -> EvalResult:
+    """k samples per problem -> accuracy, format, parallel rate (see the module doc).
+    parallel: None = native when the tokenizer has the tag tokens, else "off"; "off" decodes a
+    tag model plainly (a sequential baseline)."""
     import npr
-    from npr.train.verify import ExactMatch, MathVerifier
 
     if k < 1:
         raise ValueError(f"evaluate: k must be >= 1, got {k}")
     if not items:
         raise ValueError("evaluate: no problems")
-    mode = "native" if engine.tag_ids is not None else "off"
+    mode = parallel or ("native" if engine.tag_ids is not None else "off")
+    if mode not in ("native", "off"):
+        raise ValueError(f"evaluate: parallel must be native | off, got {mode!r}")
     sp = npr.SamplingParams(temperature=temperature, n=k, seed=seed, max_new_tokens=max_new_tokens,
                             parallel=mode)
     outs = engine.generate([it.prompt for it in items], sp, use_tqdm=progress)
+    res = summarize(outs, items, k=k, checker=checker, tag_ids=engine.tag_ids if mode == "native"
+                    else None, max_branches=max_branches)
+    res.model, res.data, res.temperature, res.mode = name, data, temperature, mode
+    return res
+
+
+def summarize(outs: Sequence[Any], items: Sequence[EvalItem], *, k: int, checker: str = "exact",
+              tag_ids: dict[str, int] | None = None, max_branches: int = 8) -> EvalResult:
+    """Engine RequestOutputs (k samples each, in items' order) -> the accuracy-pass metrics.
+    tag_ids None: plain decoding (nothing forked)."""
+    from npr.train.verify import ExactMatch, MathVerifier
+
+    if len(outs) != len(items) or any(len(o.outputs) != k for o in outs):
+        raise ValueError(f"summarize: need {len(items)} outputs of {k} samples each")
     texts = [c.text for o in outs for c in o.outputs]
     golds = [it.answer for it in items for _ in range(k)]
     check = ExactMatch() if checker == "exact" else MathVerifier()
@@ -153,11 +170,12 @@ def accuracy_pass(engine: Any, items: Sequence[EvalItem], *, k: int = 1, tempera
         if hasattr(check, "close"):
             check.close()
     n_all = len(texts)
-    forks = [_forked_blocks(c, list(o.prompt_token_ids), engine.tag_ids, max_branches)
+    forks = [_forked_blocks(c, list(o.prompt_token_ids), tag_ids, max_branches)
              for o in outs for c in o.outputs]
     sizes = [n for f in forks for n in f]
     return EvalResult(
-        model=name, data=data, problems=len(items), k=k, temperature=temperature, mode=mode,
+        model="", data="", problems=len(items), k=k, temperature=0.0,
+        mode="native" if tag_ids is not None else "off",
         accuracy_avg=sum(correct) / n_all,
         accuracy_best=sum(any(correct[i * k:(i + 1) * k]) for i in range(len(items))) / len(items),
         format_rate=sum(fmt.format_score(t, max_branches) == 0.0 for t in texts) / n_all,
@@ -170,8 +188,8 @@ def accuracy_pass(engine: Any, items: Sequence[EvalItem], *, k: int = 1, tempera
 
 def speed_pass(engine: Any, prompts: Sequence[str], res: EvalResult, *, max_new_tokens: int = 512,
                repeats: int = 1, batch: int = 0) -> EvalResult:
-    """Greedy decoding of the whole set: native vs sequential (a model with the tags) or plain;
-    fills the speed fields of res (see the module doc) and returns it."""
+    """Greedy decoding of the whole set: native vs sequential (res.mode "native") or plain
+    (res.mode "off"); fills the speed fields of res (see the module doc) and returns it."""
     import npr
 
     if repeats < 1:
@@ -181,7 +199,7 @@ def speed_pass(engine: Any, prompts: Sequence[str], res: EvalResult, *, max_new_
         return npr.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, parallel=parallel,
                                   logprobs=False)
 
-    if engine.tag_ids is None:
+    if res.mode == "off":
         best = None
         for _ in range(repeats):
             wall, o = _timed(engine, prompts, params("off"), batch)
@@ -214,7 +232,7 @@ def evaluate(model: Any, items: Sequence[EvalItem], *, tokenizer: Any = None, k:
              temperature: float = 0.0, max_new_tokens: int = 512, seed: int = 0,
              checker: str = "exact", speed: bool = True, repeats: int = 1, batch: int = 0,
              max_branches: int = 8, name: str = "", data: str = "",
-             progress: bool = False) -> EvalResult:
+             progress: bool = False, parallel: str | None = None) -> EvalResult:
     """model: a path (HF folder / .gguf) or an npr model with `tokenizer`. See the module doc."""
     import npr
 
@@ -231,7 +249,7 @@ def evaluate(model: Any, items: Sequence[EvalItem], *, tokenizer: Any = None, k:
                          max_new_tokens=max_new_tokens, max_branches=max_branches, seed=seed)
     res = accuracy_pass(engine, items, k=k, temperature=temperature, max_new_tokens=max_new_tokens,
                         seed=seed, checker=checker, max_branches=max_branches, progress=progress,
-                        name=name, data=data)
+                        name=name, data=data, parallel=parallel)
     if speed:
         speed_pass(engine, prompts, res, max_new_tokens=max_new_tokens, repeats=repeats,
                    batch=batch)
@@ -289,6 +307,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--repeats", type=int, default=1, help="speed pass repeats (fastest kept)")
     p.add_argument("--batch", type=int, default=0,
                    help="speed pass: problems decoded at once (default 0: all)")
+    p.add_argument("--parallel", choices=["auto", "native", "off"], default="auto",
+                   help="auto: native when the model has the tag tokens, else off (plain)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
 
 
@@ -299,7 +319,8 @@ def run(args: Any) -> EvalResult:
                    max_new_tokens=args.max_new_tokens, seed=args.seed,
                    checker=kind if args.checker == "auto" else args.checker,
                    speed=not args.no_speed, repeats=args.repeats, batch=args.batch,
-                   data=args.data, progress=True)
+                   data=args.data, progress=True,
+                   parallel=None if args.parallel == "auto" else args.parallel)
     print(markdown_table([(os.path.basename(os.path.normpath(args.model)), res)]))
     if args.json:
         with open(args.json, "w") as f:

@@ -174,7 +174,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str, *, progress: bool = True,
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            v = float(loss)
+            v = float(loss.detach())
             ema = v if ema is None else 0.95 * ema + 0.05 * v
             m = {"step": step + 1, "loss": v, "loss_ema": ema, "lr": lr_at(cfg, step),
                  "time_s": time.perf_counter() - t0}
