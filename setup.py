@@ -2,19 +2,40 @@
 
 Environment: NPR_FORCE_CUDA=1 builds the CUDA sources even without a visible GPU (compile check),
 NPR_NO_CUDA=1 never builds them. MAX_JOBS bounds ninja's parallelism.
+
+The build needs torch at build time: plain `pip install -e .` gets the pinned torch of
+[build-system] requires in an isolated build environment; with --no-build-isolation the torch of
+the current environment is used.
 """
 import glob
 import os
+import platform
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+try:
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+except ImportError as e:  # only reachable with --no-build-isolation and no torch installed
+    raise SystemExit(
+        f"npr's build needs torch ({e}): run `pip install torch==2.13.0` first, or drop "
+        "--no-build-isolation so pip installs the pinned torch for the build"
+    ) from None
+
+
+def _cpu_flags() -> list[str]:
+    """x86-64 builds target AVX2 + FMA + F16C (the AVX-512 variants are chosen at run time);
+    other machines build the portable kernels with the compiler's defaults."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
 
 def _want_cuda() -> bool:
     if os.environ.get("NPR_NO_CUDA") == "1":
         return False
-    import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
     has_toolkit = CUDA_HOME is not None
@@ -30,14 +51,12 @@ def _want_cuda() -> bool:
 
 
 def _ext_modules():
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension
-
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     cpu_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True))
-    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", "-mavx2", "-mfma", "-mf16c"]
-    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
+    cxx = ["-O3", "-g0", "-std=c++20", "-fopenmp", *_cpu_flags()]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "npr", "kernels")]
     if _want_cuda():
-        cuda_sources = rel(glob.glob(os.path.join(ROOT, "kernels", "*.cu")))
+        cuda_sources = rel(glob.glob(os.path.join(ROOT, "npr", "kernels", "*.cu")))
         nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
         return [
             CUDAExtension(
@@ -61,14 +80,11 @@ def _ext_modules():
 
 
 def _cmdclass():
-    from torch.utils.cpp_extension import BuildExtension
-
     return {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 setup(
-    packages=find_packages(include=["npr", "npr.*"]) + ["npr.kernels"],
-    package_dir={"npr.kernels": "kernels"},
+    packages=find_packages(include=["npr", "npr.*"]),
     ext_modules=_ext_modules(),
     cmdclass=_cmdclass(),
 )

@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU (csrc/kv_ops.cpp) and CUDA (kernels/kv_ops.cu) kernels of
+// Argument checks shared by the CPU (csrc/kv_ops.cpp) and CUDA (npr/kernels/kv_ops.cu) kernels of
 // npr::write_kv and npr::copy_blocks; TORCH_CHECK_VALUE, so Python sees a ValueError.
 // Cache layout per layer (HND per block):
 //   k_cache, v_cache: [num_blocks, num_kv_heads, block_size, head_dim], head_dim contiguous.

@@ -4,7 +4,7 @@ Cache layout per layer: k_cache, v_cache: [num_blocks, num_kv_heads, block_size,
 (HND per block, head_dim contiguous); dtypes float32 / bfloat16 / float16 (caches and k/v alike).
 
 backend: "auto" (C++/CUDA op where built for the device, else Triton on CUDA, else the reference),
-"cpp" (torch.ops.npr.*, CPU or CUDA), "triton" (kernels/kv_triton.py; CPU tensors only with
+"cpp" (torch.ops.npr.*, CPU or CUDA), "triton" (npr/kernels/kv_triton.py; CPU tensors only with
 TRITON_INTERPRET=1), "ref" (npr.ref.kv). NPR_FORCE_REF=1 makes "auto" pick the reference.
 
 Bad arguments raise ValueError naming the problem. Slot / block-id range and dst-uniqueness are
