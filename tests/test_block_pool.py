@@ -195,6 +195,11 @@ class Harness:
         self.next_token = 0
         self.counts = {"oob": 0, "value": 0, "copies": 0, "ok": 0}
 
+    @property
+    def calls(self) -> int:
+        """Pool operations run so far whose result or error was compared with the model."""
+        return self.counts["ok"] + self.counts["oob"] + self.counts["value"]
+
     def call(self, name: str, *args):
         before = pool_state(self.pool)
         try:
@@ -344,16 +349,23 @@ def random_op(h: Harness, rng: random.Random) -> None:
         h.free_tree(t)
 
 
-@pytest.mark.parametrize(
-    "seed,num_blocks,block_size,ops",
-    [(1, 48, 4, 3000), (2, 64, 16, 2500), (3, 24, 1, 1500), (4, 40, 3, 2000), (5, 12, 8, 1500)],
-)
+FUZZ_CASES = [(1, 48, 4, 3000), (2, 64, 16, 2500), (3, 24, 1, 1500), (4, 40, 3, 2000), (5, 12, 8, 1500)]
+_FUZZ_CALLS: dict[int, int] = {}  # seed -> pool operations the case ran and compared
+
+
+@pytest.mark.parametrize("seed,num_blocks,block_size,ops", FUZZ_CASES)
 def test_fuzz_against_model(seed, num_blocks, block_size, ops):
     rng = random.Random(seed)
     h = Harness(num_blocks, block_size)
-    for _ in range(ops):
+    # random_op sometimes has nothing to do (no parent to join, table limit): run it until the
+    # pool itself has taken `ops` operations, within a bound that a broken generator hits.
+    for _ in range(3 * ops):
+        if h.calls >= ops:
+            break
         random_op(h, rng)
         h.check()
+    assert h.calls >= ops, f"only {h.calls} pool operations in {3 * ops} random_op calls"
+    _FUZZ_CALLS[seed] = h.calls
     # Every kind of outcome happened (the test can fail for the right reasons).
     assert h.counts["oob"] > 0 and h.counts["value"] > 0 and h.counts["ok"] > ops // 2
     assert h.counts["copies"] > 0 or block_size == 1  # block_size 1 has no partly filled blocks
@@ -368,8 +380,11 @@ def test_fuzz_against_model(seed, num_blocks, block_size, ops):
 
 
 def test_fuzz_total_is_at_least_10000_ops():
-    params = test_fuzz_against_model.pytestmark[0].args[1]
-    assert sum(p[3] for p in params) >= 10_000
+    """The fuzz cases above (run first, in file order) together ran and checked >= 10,000 pool
+    operations: counted by the harness as they happened, not read off the parameters."""
+    if len(_FUZZ_CALLS) < len(FUZZ_CASES):
+        pytest.skip("not every fuzz case ran in this session (deselected or failed)")
+    assert sum(_FUZZ_CALLS.values()) >= 10_000, _FUZZ_CALLS
 
 
 # ---- directed tests ---------------------------------------------------------------------------

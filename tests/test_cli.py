@@ -30,7 +30,7 @@ def test_unknown_command_fails():
     assert cli.main(["frobnicate"]) == 2
 
 
-def test_generate_on_a_saved_model(tmp_path, capsys):
+def _saved_model(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
@@ -40,7 +40,31 @@ def test_generate_on_a_saved_model(tmp_path, capsys):
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    rc = cli.main(["generate", str(tmp_path), "--prompt", "abc", "--max-new-tokens", "12", "--device", "cpu"])
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("parallel", ["off", "native"])
+def test_generate_prints_what_the_engine_generates(tmp_path, capsys, parallel):
+    """`npr generate` streams the same greedy tokens and reports the same finish reason, structure
+    verdict and token counts as Engine.generate on the same folder and prompt."""
+    import npr
+
+    path = _saved_model(tmp_path)
+    rc = cli.main(["generate", path, "--prompt", "abc", "--max-new-tokens", "12", "--device", "cpu",
+                   "--parallel", parallel])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "-- finish:" in out and "structure valid" in out
+    lines = capsys.readouterr().out.splitlines()
+    eng = npr.Engine(path, device="cpu")
+    c = eng.generate(["abc"], npr.SamplingParams(temperature=0, max_new_tokens=12,
+                                                 parallel=parallel))[0].outputs[0]
+    assert c.token_ids
+    finish = next(x for x in lines if x.startswith("-- finish:"))
+    assert finish.split()[2] == c.finish_reason
+    verdict = next(x for x in lines if x.startswith("-- structure valid:"))
+    assert verdict.startswith(f"-- structure valid: {c.structure_valid};")
+    assert f"'generated_tokens': {c.stats['generated_tokens']}" in verdict
+    engine_line = next(x for x in lines if x.startswith("-- engine:"))
+    assert int(engine_line.split()[2]) >= 1  # steps
+    if parallel == "off":  # no branches: the stream is the completion's text, token by token
+        streamed = "\n".join(lines[: lines.index(finish)])
+        assert streamed == c.text

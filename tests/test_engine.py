@@ -226,7 +226,32 @@ def test_greedy_does_not_depend_on_batch_composition(model, tok, tag_ids, labels
 
 def test_n_samples_share_prompt_and_seeds_reproduce(model, tok, tag_ids, labels):
     eng = engine_for(model, tok)
-    ids = tok.encode("many samples", add_special_tokens=False)
+    ids = tok.encode("many samples share one prompt of three blocks", add_special_tokens=False)
+    assert len(ids) > 2 * eng.block_size
+
+    def first_step(n: int) -> tuple[int, int, int, int]:
+        """(tokens, rows, KV blocks used) after the request's first step, rows of its second."""
+        f = make_forcer(tok, tag_ids, labels, len(ids), [2], seed=4)
+        before = dict(eng.stats)
+        eng.add_request(input_ids=ids, params=npr.SamplingParams(
+            temperature=1.0, n=n, seed=123, max_new_tokens=200, logits_processors=[f]))
+        eng.step()
+        got = (eng.stats["tokens"] - before["tokens"], eng.stats["rows"] - before["rows"],
+               eng.scheduler.pool_stats()["used_blocks"])
+        rows = eng.stats["rows"]
+        eng.step()
+        got += (eng.stats["rows"] - rows,)
+        while eng.has_unfinished_requests():
+            eng.step()
+        return got
+
+    one, four = first_step(1), first_step(4)
+    # The 4 samples' prompt is computed once, as one row, into one copy of its KV blocks (not
+    # 4 rows, 4x the tokens and blocks); then 4 trunks decode off it as 4 rows.
+    assert four[:3] == one[:3] and one[1] == 1 and one[0] >= len(ids) - 1
+    assert one[2] <= -(-len(ids) // eng.block_size)
+    assert (one[3], four[3]) == (1, 4)
+    assert eng.scheduler.pool_stats()["used_blocks"] == 0
     f = make_forcer(tok, tag_ids, labels, len(ids), [2], seed=4)
     sp = npr.SamplingParams(temperature=1.0, n=4, seed=123, max_new_tokens=200, logits_processors=[f])
     a = eng.generate(input_ids=[ids], sampling_params=sp)[0]
