@@ -33,6 +33,7 @@ from npr import ops
 from npr.models.attention import FlatAttention, check_mask, sdpa
 from npr.models.config import ModelConfig
 from npr.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from npr.ops.layout_attention import LayoutAttentionPlan, layout_attention
 
 # Attention inside one layer: (q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -202,10 +203,11 @@ class LlamaDecoder(nn.Module):
 
     # --- forward passes ---------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Reference path. input_ids: [B, L]; position_ids: [B, L] or [L] (default arange);
-        attention_mask: bool [B, L, L] or [L, L], True = may attend (None = causal)
-        -> logits [B, L, V] fp32."""
+                attention_mask: "torch.Tensor | LayoutAttentionPlan | None" = None) -> torch.Tensor:
+        """Reference and training path. input_ids: [B, L]; position_ids: [B, L] or [L] (default
+        arange); attention_mask: bool [B, L, L] or [L, L], True = may attend (None = causal), or
+        a LayoutAttentionPlan of the L tokens (B = 1: the training layout without an [L, L]
+        tensor, npr.ops.layout_attention) -> logits [B, L, V] fp32."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, L], got {list(input_ids.shape)}")
         B, L = input_ids.shape
@@ -216,12 +218,21 @@ class LlamaDecoder(nn.Module):
         if tuple(position_ids.shape) != (B, L):
             raise ValueError(
                 f"position_ids must be [B, L] = [{B}, {L}], got {list(position_ids.shape)}")
-        mask = (None if attention_mask is None
-                else check_mask(attention_mask.to(input_ids.device), B, L))
+        attend: Attend
+        if isinstance(attention_mask, LayoutAttentionPlan):
+            if B != 1 or attention_mask.num_tokens != L:
+                raise ValueError(f"a LayoutAttentionPlan of {attention_mask.num_tokens} tokens "
+                                 f"needs input_ids [1, {attention_mask.num_tokens}], got "
+                                 f"{list(input_ids.shape)}")
+            plan = attention_mask
+            attend = lambda q, k, v: layout_attention(q[0], k[0], v[0], plan)[None]  # noqa: E731
+        else:
+            mask = (None if attention_mask is None
+                    else check_mask(attention_mask.to(input_ids.device), B, L))
+            attend = lambda q, k, v: sdpa(q, k, v, mask)  # noqa: E731
         self._check_ids(input_ids)
         x = F.embedding(input_ids, self.embed_tokens)  # [B, L, H]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
-        attend: Attend = lambda q, k, v: sdpa(q, k, v, mask)  # noqa: E731
         for layer in self.layers:
             x = layer(x, cos, sin, attend)
         return self._logits(x)

@@ -7,8 +7,9 @@ packed indices). Token i is scored from the logits of token i-1 (its predecessor
 order, which is always visible to it when i is a sampled token: a step's first sampled token
 follows its injected label, never a sibling's last token).
 
-This module fixes the API the trainer and the integrations use. `token_logprobs_reference` is
-the dense-mask oracle (one [L, L] mask per trajectory: tests and tiny inputs only).
+This module fixes the API the trainer and the integrations use. `token_logprobs` runs npr's
+decoder with npr.ops.layout_attention (the mask as three [T] tensors); `token_logprobs_reference`
+is the dense-mask oracle (one [T, T] mask: tests, tiny inputs and models other than npr's).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from npr.format import Layout
+from npr.ops.layout_attention import LayoutAttentionPlan
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,9 +124,26 @@ def gather_logprobs(logits: torch.Tensor, batch: PackedBatch, temperature: float
     return lp
 
 
+def uses_layout_attention(model: torch.nn.Module) -> bool:
+    """True when model (or the module a DDP wrapper holds) is npr's decoder, whose forward takes
+    a LayoutAttentionPlan as its attention mask; other models (transformers') get the dense mask."""
+    from npr.models.llama import LlamaDecoder
+
+    return isinstance(getattr(model, "module", model), LlamaDecoder)
+
+
 def token_logprobs(model: torch.nn.Module, batch: PackedBatch,
                    temperature: float = 1.0) -> torch.Tensor:
     """The trainer's forward: -> logprobs [T] fp32 (0 where not scored), differentiable.
 
-    Today: the dense reference. The memory-linear layout attention replaces it (same contract)."""
-    return token_logprobs_reference(model, batch, temperature)
+    npr's decoder attends under the layout through npr.ops.layout_attention (no [T, T] tensor;
+    memory linear in T); any other model gets token_logprobs_reference's dense mask. The call
+    goes through model(...) either way, so DDP / FSDP2 wrappers see their forward."""
+    if not uses_layout_attention(model):
+        return token_logprobs_reference(model, batch, temperature)
+    if temperature <= 0:
+        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
+    plan = LayoutAttentionPlan.build(batch.seq_start, batch.hole_start, batch.hole_end)
+    out = model(batch.input_ids[None], position_ids=batch.position_ids[None], attention_mask=plan)
+    logits = (out.logits if hasattr(out, "logits") else out)[0]  # [T, V]
+    return gather_logprobs(logits, batch, temperature)
