@@ -409,24 +409,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layout_attention_backward_cpu(
   const std::vector<Task> tasks = make_tasks(d, rp);
   const int64_t nth = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(tasks.size())));
-  // dk/dv: one [T, Hkv, D] accumulator per worker thread, summed after
-  at::Tensor dkb = at::zeros({nth, d.T, d.Hkv, d.D}, qc.options());
-  at::Tensor dvb = at::zeros({nth, d.T, d.Hkv, d.D}, qc.options());
+  // dk/dv: worker slot 0 accumulates into the results, every other slot into a [T, Hkv, D]
+  // buffer of its own, added after (memory: (threads - 1) x 2 x T x Hkv x D beyond the results)
+  at::Tensor dk = at::zeros_like(kc), dv = at::zeros_like(vc);
+  at::Tensor dkb, dvb;
+  if (nth > 1) {
+    dkb = at::zeros({nth - 1, d.T, d.Hkv, d.D}, qc.options());
+    dvb = at::zeros({nth - 1, d.T, d.Hkv, d.D}, qc.options());
+  }
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "layout_attention_backward", [&] {
     using T = scalar_t;
     const int64_t per = d.T * d.Hkv * d.D;
-    T* dkp = dkb.mutable_data_ptr<T>();
-    T* dvp = dvb.mutable_data_ptr<T>();
+    T* dk0 = dk.mutable_data_ptr<T>();
+    T* dv0 = dv.mutable_data_ptr<T>();
+    T* dkp = nth > 1 ? dkb.mutable_data_ptr<T>() : nullptr;
+    T* dvp = nth > 1 ? dvb.mutable_data_ptr<T>() : nullptr;
     run_tasks<BwdScratch<T>>(tasks, nth, kQTile * d.G, d.D, [&](int64_t me, const Task& t,
                                                                   BwdScratch<T>& sc) {
       backward_task<T>(gc.const_data_ptr<T>(), qc.const_data_ptr<T>(), kc.const_data_ptr<T>(),
                        vc.const_data_ptr<T>(), oc.const_data_ptr<T>(), lc.const_data_ptr<T>(), d,
                        t, rp + 6 * t.r, static_cast<T>(scale), dq.mutable_data_ptr<T>(),
-                       dkp + me * per, dvp + me * per, sc);
+                       me == 0 ? dk0 : dkp + (me - 1) * per, me == 0 ? dv0 : dvp + (me - 1) * per,
+                       sc);
     });
   });
-  if (nth == 1) return {dq, dkb[0], dvb[0]};
-  return {dq, dkb.sum(0), dvb.sum(0)};
+  for (int64_t i = 0; i + 1 < nth; ++i) {  // in place: no [T, Hkv, D] temporary
+    dk.add_(dkb[i]);
+    dv.add_(dvb[i]);
+  }
+  return {dq, dk, dv};
 }
 
 }  // namespace

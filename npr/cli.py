@@ -9,11 +9,11 @@ import argparse
 import importlib
 import sys
 
-BENCH_SUITES = ("attention", "kv", "linear", "speedup", "peers", "papo")
+BENCH_SUITES = ("attention", "kv", "linear", "speedup", "peers", "papo", "train-attention")
 
 
 def _bench_module(suite: str):
-    return importlib.import_module(f"npr.bench.{suite}")
+    return importlib.import_module(f"npr.bench.{suite.replace('-', '_')}")
 
 
 def _available_suites() -> list[str]:
@@ -23,7 +23,7 @@ def _available_suites() -> list[str]:
             _bench_module(s)
             out.append(s)
         except ModuleNotFoundError as e:
-            if e.name != f"npr.bench.{s}":
+            if e.name != f"npr.bench.{s.replace('-', '_')}":
                 raise
     return out
 
