@@ -10,7 +10,7 @@ import torch
 
 import npr
 from npr import format as fmt
-from npr.engine.forcing import ForcedStructure
+from npr.bench.forcing import ForcedStructure
 from npr.tags import TAGS
 from tiny import tiny_model, tiny_tokenizer
 

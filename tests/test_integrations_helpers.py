@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from npr.engine.forcing import ForcedStructure
+from npr.bench.forcing import ForcedStructure
 from tiny import tiny_tokenizer
 
 

@@ -15,7 +15,7 @@ trl = pytest.importorskip("trl", reason="TRL is not installed: pip install -e '.
 
 import npr  # noqa: E402
 from npr import format as fmt  # noqa: E402
-from npr.engine.forcing import ForcedStructure  # noqa: E402
+from npr.bench.forcing import ForcedStructure  # noqa: E402
 from npr.integrations import trl as ntrl  # noqa: E402
 from test_integrations_helpers import RawRecorder, hf_folder, labels_of  # noqa: E402
 

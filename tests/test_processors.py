@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import npr
-from npr.engine.forcing import ForcedStructure
+from npr.bench.forcing import ForcedStructure
 from npr.tags import TAGS
 from tiny import tiny_model, tiny_tokenizer
 

@@ -19,7 +19,7 @@ import random
 import pytest
 import torch
 
-from npr.engine.forcing import ForcedStructure
+from npr.bench.forcing import ForcedStructure
 from npr.tags import TAGS
 from npr.train.config import RLConfig, load_config
 from npr.train.data import Prompt, ShuffledPrompts

@@ -61,7 +61,7 @@ def _worker(args: argparse.Namespace) -> None:
     import npr
     from npr.bench.common import machine
     from npr.bench.speedup import smollm2_gguf
-    from npr.engine.forcing import ForcedStructure
+    from npr.bench.forcing import ForcedStructure
     from npr.tokenizer import add_tag_tokens, step_label_ids
     from npr.train.config import RLConfig, load_config
     from npr.train.data import Prompt, ShuffledPrompts
