@@ -10,13 +10,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from npr import _ext
 from npr import format as fmt
 from npr.engine.outputs import CompletionOutput, RequestOutput
 from npr.engine.runner import ModelRunner
-from npr.engine.sampling import ProcessorError, Sampler
+from npr.engine.sampling import ProcessorError, Sampler, run_processors, sample_batch
 from npr.engine.sampling_params import MODE_IDS, SamplingParams, is_int, token_ids
 from npr.tags import TAGS
 
@@ -106,6 +107,7 @@ class Engine:
         self._pending_finished: list[int] = []   # finished ids not yet returned by step()
         self._next_id = 0
         self._sleeping = False
+        self._stop_requests: set[int] = set()   # requests with stop strings (checked per row)
         self.stats = {"steps": 0, "forward_s": 0.0, "rows": 0, "tokens": 0}
         # Optional streaming hook: fn(request_id, sample, branch_id, token) per sampled token.
         self.on_token: Callable[[int, int, int, int], None] | None = None
@@ -161,6 +163,9 @@ class Engine:
         self.scheduler.add_request(rid, ids, params.n, params.max_new_tokens, max_branch,
                                    MODE_IDS[params.parallel], stop_ids)
         self._requests[rid] = _Request(rid, prompt, ids, params)
+        self.sampler.add(rid, params)
+        if params.stop:
+            self._stop_requests.add(rid)
         return rid
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
@@ -226,67 +231,68 @@ class Engine:
             raise
         finished = self._pending_finished + list(self.scheduler.update(tokens, logprobs))
         self._pending_finished = []
-        if self.on_token is not None:
-            for i, tok in enumerate(tokens):
-                if i in failed:
-                    continue
-                self.on_token(int(plan["sample_request"][i]), int(plan["sample_index"][i]),
-                              int(plan["sample_branch"][i]), tok)
-        finished += self._check_stop_strings(plan, tokens, failed)
+        if self.on_token is not None and tokens:  # the hook wants every row's token
+            for i, (rid, s, b, tok) in enumerate(zip(plan["sample_request"].tolist(),
+                                                     plan["sample_index"].tolist(),
+                                                     plan["sample_branch"].tolist(), tokens)):
+                if i not in failed:
+                    self.on_token(rid, s, b, tok)
+        if self._stop_requests and tokens:
+            finished += self._check_stop_strings(plan, tokens, failed)
         return [self._collect(rid) for rid in finished]
 
     def _sample(self, plan: dict[str, Any], logits: torch.Tensor,
                 failed: dict[int, str]) -> tuple[list[int], list[float]]:
-        """logits: [S, V] for the sampling rows in plan order. Rows whose processors returned
-        unusable logits go into failed (row -> message) with a placeholder token."""
-        S = logits.shape[0]
-        tokens = [0] * S
-        logprobs = [0.0] * S
-        simple = []
-        for i in range(S):
-            req = self._requests[int(plan["sample_request"][i])]
-            p = req.params
-            if p.greedy and not p.logits_processors and (p.step_repetition_penalty == 1.0 or not plan["sample_in_step"][i]):
-                simple.append(i)
-                continue
-            node = int(plan["sample_node"][i])
-            try:
-                tokens[i], logprobs[i] = self.sampler.sample_row(
-                    logits[i], p, request_id=req.request_id, sample=int(plan["sample_index"][i]),
-                    branch=int(plan["sample_branch"][i]), in_step=bool(plan["sample_in_step"][i]),
-                    visible=lambda node=node: list(self.scheduler.visible_tokens(node)),
-                    step_tokens=lambda node=node: list(self.scheduler.step_tokens(node)),
-                )
-            except ProcessorError as e:
-                failed[i] = str(e)
-        if simple:
-            idx = torch.tensor(simple)
-            sub = logits[idx]
-            top = torch.argmax(sub, dim=-1)
-            lp = torch.log_softmax(sub, dim=-1).gather(1, top[:, None])[:, 0]
-            for j, i in enumerate(simple):
-                tokens[i], logprobs[i] = int(top[j]), float(lp[j])
-        return tokens, logprobs
+        """logits: [S, V] for the sampling rows in plan order -> (tokens, logprobs) as lists.
+        All rows are sampled in one batch (npr.engine.sampling.sample_batch); only rows with
+        logits processors (their visible tokens) and rows inside a step with a repetition
+        penalty (their step tokens) are visited one by one. Rows whose processors returned
+        unusable logits go into failed (row -> message); their token is a placeholder."""
+        req = plan["sample_request"]
+        node = plan["sample_node"]
+        counter = plan["positions"][plan["logits_indices"]]  # position each row samples from
+        rows = self.sampler.rows(req, plan["sample_index"], plan["sample_branch"], counter,
+                                 plan["sample_in_step"])
+        proc_rows = np.flatnonzero(rows.processors)
+        if len(proc_rows):
+            logits = logits.float().clone()
+            for i in proc_rows.tolist():
+                r = self._requests[int(req[i])]
+                where = (f"request {r.request_id} (sample {int(rows.sample[i])}, "
+                         f"branch {int(rows.branch[i])})")
+                try:
+                    logits[i] = run_processors(logits[i], r.params.logits_processors,
+                                               list(self.scheduler.visible_tokens(int(node[i]))), where)
+                except ProcessorError as e:
+                    failed[i] = str(e)
+        step_tokens = [list(self.scheduler.step_tokens(int(node[i])))
+                       for i in rows.penalty_rows().tolist()]
+        tok, lp = sample_batch(logits, rows, step_tokens)
+        both = torch.stack([tok.double(), lp.double()]).cpu()  # one device-to-host copy
+        return both[0].long().tolist(), both[1].float().tolist()
 
     def _check_stop_strings(self, plan: dict[str, Any], tokens: list[int],
                             failed: dict[int, str]) -> list[int]:
         """Stop strings apply to the trunk text (steps are exempt); matched on the trunk's text
-        decoded incrementally, token by token."""
+        decoded incrementally, token by token. Only the trunk rows of requests with stop
+        strings are visited."""
         finished: list[int] = []
-        for i, tok in enumerate(tokens):
-            rid = int(plan["sample_request"][i])
-            req = self._requests.get(rid)
-            if req is None or not req.params.stop or plan["sample_in_step"][i] or i in failed:
+        req = plan["sample_request"]
+        want = np.isin(req, np.fromiter(self._stop_requests, dtype=np.int64)) & (plan["sample_in_step"] == 0)
+        for i in np.flatnonzero(want).tolist():
+            rid = int(req[i])
+            r = self._requests.get(rid)
+            if r is None or i in failed:
                 continue
             sample = int(plan["sample_index"][i])
-            if sample in req.stop_hit:
+            if sample in r.stop_hit:
                 continue
-            tail = req.trunk_tail.get(sample, "") + self._decode([tok])
-            keep = max(len(x) for x in req.params.stop) + 16
-            req.trunk_tail[sample] = tail[-keep:]
-            hit = next((x for x in req.params.stop if x in tail), None)
+            tail = r.trunk_tail.get(sample, "") + self._decode([tokens[i]])
+            keep = max(len(x) for x in r.params.stop) + 16
+            r.trunk_tail[sample] = tail[-keep:]
+            hit = next((x for x in r.params.stop if x in tail), None)
             if hit is not None and not self.scheduler.output(rid, sample)["finish_reason"]:
-                req.stop_hit[sample] = hit
+                r.stop_hit[sample] = hit
                 self.scheduler.finish_sample(rid, sample, "stop", f"stop string {hit!r}")
                 finished += self.scheduler.take_finished()
         return finished
@@ -295,6 +301,7 @@ class Engine:
         self.scheduler.release(rid)
         self._requests.pop(rid, None)
         self.sampler.forget(rid)
+        self._stop_requests.discard(rid)
 
     def _collect(self, rid: int) -> RequestOutput:
         req = self._requests[rid]
