@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-BENCH_SUITES = ("attention", "kv", "linear", "speedup", "peers", "papo", "train-attention")
+BENCH_SUITES = ("attention", "kv", "linear", "speedup", "peers", "papo", "train-attention",
+               "throughput")
 
 
 def _bench_module(suite: str):

@@ -1,0 +1,52 @@
+"""`npr bench throughput --quick` through the command line: every case of the quick grid is there,
+with consistent token counts and timings, and npr and HF decoded the same weights (greedy plain
+decoding writes the same tokens)."""
+import json
+
+import pytest
+
+from npr import cli
+
+
+def test_bench_throughput_quick_rows(tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    assert cli.main(["bench", "throughput", "--quick", "--json", str(out)]) == 0
+    assert "== throughput" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    cases = {(r["model"], r["mode"], r["rows"], r["temperature"]) for r in rows}
+    assert cases == {("tiny", m, n, t) for m in ("plain", "parallel") for n in (1, 8) for t in (0.0, 1.0)}
+    assert len(rows) == len(cases)
+    per_request = {}
+    for r in rows:
+        for who in ("npr", "hf"):
+            assert r[f"{who}_tok_s"] > 0 and r[f"{who}_steps"] >= 1
+            assert 0 <= r[f"{who}_host_ms_per_step"] <= r[f"{who}_ms_per_step"]
+            assert 0 <= r[f"{who}_host_share"] <= 1
+            # tokens/s and ms per step describe the same wall time
+            wall = r["tokens"] / r[f"{who}_tok_s"]
+            assert wall == pytest.approx(r[f"{who}_ms_per_step"] * r[f"{who}_steps"] / 1e3, rel=1e-6)
+        assert r["speedup_vs_hf"] == pytest.approx(r["npr_tok_s"] / r["hf_tok_s"])
+        assert r["npr_preemptions"] == 0  # the KV pool is sized for the case
+        if r["mode"] == "plain":
+            assert r["branches"] == 1 and r["tokens"] == 16 * r["rows"]  # --quick: 16 new tokens
+            assert r["hf_steps"] == 16  # one forward per token
+            assert 16 <= r["npr_steps"] <= 17  # one step per token (and maybe one for the prompt)
+            if r["temperature"] == 0:
+                assert r["greedy_agree"] == 1.0  # same weights, same argmax
+        else:
+            assert r["branches"] == 8 and r["tokens"] % r["rows"] == 0
+            per_request.setdefault(r["mode"], set()).add(r["tokens"] // r["rows"])
+            assert r["hf_steps"] == r["tokens"] // r["rows"]  # HF writes as many per sequence
+            # 8 branches decode side by side: fewer steps than tokens per request
+            assert r["npr_steps"] < r["tokens"] // r["rows"]
+    assert len(per_request["parallel"]) == 1  # the forced structure fixes the token count
+    assert per_request["parallel"].pop() > 8 * 2  # 8 branches of 2 content tokens, tags, labels
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--rows", "0"], "--rows"), (["--rows", "a"], "--rows"), (["--models", "gpt"], "tiny"),
+    (["--modes", "fast"], "plain"), (["--temperatures", "-1"], "temperatures"),
+    (["--branches", "9"], "branches")])
+def test_bench_throughput_bad_options(argv, match):
+    with pytest.raises(ValueError, match=match):
+        cli.main(["bench", "throughput", *argv])
