@@ -446,3 +446,34 @@ def test_engine_seeded_native_equals_sequential(eng):
         assert a.finish_reason == "stop" and a.stats["forks"] == 2
         assert a.token_ids == b.token_ids and a.position_ids == b.position_ids
     assert outs["native"][0].token_ids != outs["native"][1].token_ids  # the samples differ
+
+
+def test_engine_stop_strings_and_on_token_hook(eng):
+    """Stop strings are checked on the rows of the requests that have them (the others decode as
+    alone); the on_token hook sees every sampled token of every request, in order."""
+    prompts = [ids_of(eng, f"stop {i}") for i in range(3)]
+    sp = npr.SamplingParams(temperature=1.0, seed=21, parallel="off", max_new_tokens=24)
+    alone = [eng.generate(input_ids=[p], sampling_params=sp)[0].outputs[0] for p in prompts]
+    full = alone[1].token_ids
+    assert len(full) >= 12, eng.tokenizer.decode(full)
+    text = eng.tokenizer.decode(full)
+    stop = text[6:8]
+    k = next(k for k in range(1, len(full) + 1) if stop in eng.tokenizer.decode(full[:k]))
+    seen: dict[int, list[int]] = {}
+    eng.on_token = lambda rid, s, b, t: seen.setdefault(rid, []).append(t)
+    try:
+        rids = [eng.add_request(input_ids=p, params=npr.SamplingParams(
+            temperature=1.0, seed=21, parallel="off", max_new_tokens=24, stop=[stop] if i == 1 else None))
+            for i, p in enumerate(prompts)]
+        outs = {}
+        while eng.has_unfinished_requests():
+            outs.update({o.request_id: o.outputs[0] for o in eng.step()})
+    finally:
+        eng.on_token = None
+    got = [outs[r] for r in rids]
+    assert got[1].finish_reason == "stop" and got[1].token_ids == full[:k]
+    head = eng.tokenizer.decode(full[:k])
+    assert got[1].text == head[:head.rfind(stop)]
+    assert got[0].token_ids == alone[0].token_ids and got[2].token_ids == alone[2].token_ids
+    assert [seen[r] for r in rids] == [o.token_ids for o in got]
+    assert len(eng.sampler) == 0 and not eng._stop_requests  # nothing kept for finished requests

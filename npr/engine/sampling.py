@@ -265,13 +265,15 @@ def sample_batch(logits: torch.Tensor, rows: Rows,
         x = repetition_penalty_rows(x, pen_rows, step_tokens, rows.penalty[pen_rows])
     greedy = rows.temperature == 0
     if greedy.all():
-        tok = torch.argmax(x, dim=-1)                                          # [S]
-        return tok, x.gather(1, tok[:, None])[:, 0] - torch.logsumexp(x, dim=-1)
+        # max(dim) returns the first maximal index, as argmax does, in about half its time on CPU
+        top, tok = torch.max(x, dim=-1)                                       # [S], [S]
+        return tok, top - torch.logsumexp(x, dim=-1)
     # One upload of the per-row numbers: temperature (1 for greedy rows), uniform, greedy flag.
     u = uniforms(rows.key, rows.sample, rows.branch, rows.counter)
-    h = _device_tensor(np.stack([np.where(greedy, 1.0, rows.temperature), u,
-                                 greedy.astype(np.float64)], axis=1), dev)    # [S, 3] fp64
-    x = x / h[:, 0:1].float()
+    temp = np.where(greedy, 1.0, rows.temperature)
+    h = _device_tensor(np.stack([temp, u, greedy.astype(np.float64)], axis=1), dev)  # [S, 3] fp64
+    if (temp != 1.0).any():
+        x = x / h[:, 0:1].float()
     cut = ~greedy & (((rows.top_k > 0) & (rows.top_k < V)) | (rows.top_p < 1.0))
     if cut.all():
         x = top_k_top_p(x, rows.top_k, rows.top_p)
@@ -288,7 +290,7 @@ def sample_batch(logits: torch.Tensor, rows: Rows,
     total = cdf[:, -1:]
     target = torch.minimum(h[:, 1:2] * total, torch.nextafter(total, torch.zeros_like(total)))
     drawn = torch.searchsorted(cdf, target, right=True)[:, 0]
-    tok = torch.where(h[:, 2] > 0, torch.argmax(x, dim=-1), drawn)
+    tok = torch.where(h[:, 2] > 0, torch.max(x, dim=-1)[1], drawn) if greedy.any() else drawn
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
