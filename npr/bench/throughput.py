@@ -206,7 +206,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         temps = [float(t) for t in _csv(args.temperatures)]
     except ValueError:
-        raise ValueError(f"npr bench throughput: --temperatures must be numbers, got {args.temperatures!r}") from None
+        raise ValueError("npr bench throughput: --temperatures must be numbers, "
+                         f"got {args.temperatures!r}") from None
     if any(t < 0 for t in temps):
         raise ValueError("npr bench throughput: --temperatures must be >= 0")
     for name in ("prompt_tokens", "new_tokens", "branches", "branch_tokens", "repeat"):

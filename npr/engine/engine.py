@@ -278,7 +278,8 @@ class Engine:
         strings are visited."""
         finished: list[int] = []
         req = plan["sample_request"]
-        want = np.isin(req, np.fromiter(self._stop_requests, dtype=np.int64)) & (plan["sample_in_step"] == 0)
+        with_stop = np.fromiter(self._stop_requests, dtype=np.int64)
+        want = np.isin(req, with_stop) & (plan["sample_in_step"] == 0)
         for i in np.flatnonzero(want).tolist():
             rid = int(req[i])
             r = self._requests.get(rid)
