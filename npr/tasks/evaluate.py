@@ -237,9 +237,12 @@ def evaluate(model: Any, items: Sequence[EvalItem], *, tokenizer: Any = None, k:
     import npr
 
     if isinstance(model, str):
+        from npr.train.pipeline import resolve_model
+
         name = name or model
-        tokenizer = tokenizer or npr.load_tokenizer(model)
-        model = npr.load_model(model)
+        path = resolve_model(model) if os.path.isdir(model) else model  # a stage's out_dir too
+        tokenizer = tokenizer or npr.load_tokenizer(path)
+        model = npr.load_model(path)
     if tokenizer is None:
         raise ValueError("evaluate: pass the tokenizer with a model object")
     if not items:
@@ -291,7 +294,7 @@ def markdown_table(rows: Sequence[tuple[str, EvalResult]]) -> str:
 
 
 def add_arguments(p: Any) -> None:
-    p.add_argument("model", help="HF folder or .gguf file")
+    p.add_argument("model", help="HF folder, .gguf file, or a stage's out_dir (its latest checkpoint)")
     p.add_argument("--data", required=True,
                    help='JSONL of {"problem", "answer"} rows, or a task: multiples[:k=a-b,n=a-b]')
     p.add_argument("--n", type=int, default=128, help="problems drawn for a task (default 128)")

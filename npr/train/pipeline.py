@@ -171,8 +171,11 @@ def _load(path: str, cfg: Any, device: torch.device) -> tuple[Any, Any]:
     return model, tok
 
 
-def run_rl_stage(cfg: Any, on_step: OnStep | None = None, ctx: Any = None) -> str:
-    """zero / papo / sr: RLTrainer from model.path; returns the final checkpoint folder."""
+def run_rl_stage(cfg: Any, on_step: OnStep | None = None, ctx: Any = None,
+                 processors: Any = None) -> str:
+    """zero / papo / sr: RLTrainer from model.path; returns the final checkpoint folder.
+    processors: npr.train.rl.ProcessorsFn (logits processors per request), e.g. a forced
+    structure for smoke runs of a model that cannot write the format yet."""
     from npr.train.checkpoint import latest_checkpoint
     from npr.train.dist import init_distributed
     from npr.train.rewards import Stage1Reward, Stage3Reward
@@ -186,7 +189,7 @@ def run_rl_stage(cfg: Any, on_step: OnStep | None = None, ctx: Any = None) -> st
         model, tok = _load(resolve_model(cfg.model.path), cfg, ctx.device)
         reward = (Stage1Reward if cfg.reward.kind == "stage1" else Stage3Reward)(
             checker, max_branches=cfg.rollout.max_branches)
-        RLTrainer(cfg, model, tok, reward, prompts, ctx=ctx).run(on_step)
+        RLTrainer(cfg, model, tok, reward, prompts, ctx=ctx, processors=processors).run(on_step)
     finally:
         if hasattr(checker, "close"):
             checker.close()
