@@ -23,7 +23,7 @@ TRAIN = {"steps": 1, "micro_batch_tokens": 1024, "progress": False, "plot": Fals
 def test_stages_on_smollm2(smollm2_gguf, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from npr.engine.forcing import ForcedStructure
+    from npr.bench.forcing import ForcedStructure
     from npr.tokenizer import step_label_ids, tag_ids
 
     torch.manual_seed(0)
