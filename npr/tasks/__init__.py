@@ -74,8 +74,9 @@ class TaskPrompts:
         return Prompt(answer=p.answer, text=prompt_text(p.text), meta={"problem": p.text})
 
 
-def eval_set(task: Multiples, n: int, seed: int = 0) -> list[Problem]:
-    """n distinct held-out problems (disjoint from every training draw)."""
+def eval_set(task: Multiples, n: int, seed: int = 0, heldout: bool = True) -> list[Problem]:
+    """n distinct held-out problems (disjoint from every training draw); heldout=False draws
+    from the whole task (speed measurements: small tasks have few held-out problems)."""
     if n < 1:
         raise ValueError(f"eval_set: n must be >= 1, got {n}")
     rng = _rng(seed, 0, 2)
@@ -83,13 +84,13 @@ def eval_set(task: Multiples, n: int, seed: int = 0) -> list[Problem]:
     out: list[Problem] = []
     for _ in range(1000 * n):
         p = task.sample(rng)
-        if is_heldout(p.text) and p.text not in seen:
+        if (not heldout or is_heldout(p.text)) and p.text not in seen:
             seen.add(p.text)
             out.append(p)
             if len(out) == n:
                 return out
-    raise ValueError(f"eval_set: the task {task_spec(task)} has fewer than {n} distinct held-out "
-                     f"problems (found {len(out)})")
+    raise ValueError(f"eval_set: the task {task_spec(task)} has fewer than {n} distinct "
+                     f"{'held-out ' if heldout else ''}problems (found {len(out)})")
 
 
 def write_jsonl(path: str, problems: Sequence[Problem], task: Multiples) -> None:

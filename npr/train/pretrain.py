@@ -37,7 +37,7 @@ class PretrainConfig:
     head_dim: int = 32
     intermediate_size: int = 384
     max_position_embeddings: int = 1024
-    steps: int = 600
+    steps: int = 1000             # the copy of a group from the prompt (induction) forms after ~600
     batch_size: int = 16          # sequences per optimizer step
     lr: float = 3e-3
     warmup_steps: int = 30
