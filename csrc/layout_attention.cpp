@@ -27,7 +27,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -112,7 +111,7 @@ Dims check_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   return d;
 }
 
-// Tasks of all runs and kv heads, most expensive first (threads drain them from a counter).
+// Tasks of all runs and kv heads, most expensive first (run_tasks deals them out to the slots).
 std::vector<Task> make_tasks(const Dims& d, const int64_t* runs) {
   std::vector<Task> tasks;
   for (int64_t r = 0; r < d.R; ++r) {
@@ -350,17 +349,18 @@ void backward_task(const T* grad, const T* q, const T* k, const T* v, const T* o
   }
 }
 
-// Runs fn(thread slot, task, the thread's scratch) over the tasks from a shared counter (most
-// expensive first). Each call of the body drains the queue, so this is right however
-// parallel_for splits [0, nth); slots are distinct per call.
+// Runs fn(slot, task, scratch) over the tasks: slot s takes tasks s, s + nth, s + 2 nth, ...
+// (sorted most expensive first, so the slots' loads stay close). The assignment is static, not
+// drained from a shared counter: the backward's dk/dv sums then add the same terms in the same
+// order on every run (bitwise reproducible training, e.g. a resumed run equals an uninterrupted
+// one), whichever thread runs a slot and however parallel_for splits [0, nth).
 template <typename Scratch, typename Fn>
 void run_tasks(const std::vector<Task>& tasks, int64_t nth, int64_t M, int64_t D, const Fn& fn) {
-  std::atomic<int64_t> next{0}, slot{0};
   const int64_t n = static_cast<int64_t>(tasks.size());
-  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
-    const int64_t me = slot.fetch_add(1);
+  at::parallel_for(0, nth, 1, [&](int64_t begin, int64_t end) {
     Scratch sc(M, D);
-    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(me, tasks[i], sc);
+    for (int64_t me = begin; me < end; ++me)
+      for (int64_t i = me; i < n; i += nth) fn(me, tasks[i], sc);
   });
 }
 
