@@ -156,3 +156,17 @@ def write_json(path: str, rows: Any) -> None:
     with open(path, "w") as f:
         json.dump({"machine": machine(), "rows": rows}, f, indent=1)
     print(f"wrote {path}")
+
+
+def hf_model(path: str, device: str) -> Any:
+    """HF transformers' model of the same checkpoint npr loads (an HF folder or a .gguf file),
+    fp32, eval mode: the peer of the benchmarks."""
+    from transformers import AutoModelForCausalLM
+
+    if path.endswith(".gguf"):
+        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path),
+                                                 gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return m.to(device).eval()

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     eng = npr.Engine(model, tok, kv_cache_tokens=16384, device=args.device)
     hf = None
     if not args.no_hf:
-        hf = _hf_model(path, args.device)
+        hf = common.hf_model(path, args.device)
         with torch.inference_mode():  # warm-up (first-call costs) outside the timings
             hf.generate(torch.tensor([[1, 2, 3, 4]], device=args.device), max_new_tokens=4,
                         do_sample=False)
@@ -194,17 +194,6 @@ def _hf_batch1(model, prompt: list[int], ph: dict[str, Any], device: str) -> flo
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
-
-
-def _hf_model(path: str, device: str):
-    from transformers import AutoModelForCausalLM
-
-    if path.endswith(".gguf"):
-        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
-    else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return m.to(device).eval()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -94,17 +94,6 @@ def tiny_model_folder(folder: str, seed: int = 0) -> str:
     return folder
 
 
-def _hf_model(path: str, device: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    if path.endswith(".gguf"):
-        m = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
-    else:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return m.to(device).eval()
-
-
 class _ForwardClock:
     """Time spent inside a module's forward (pre/post hooks), and how many calls."""
 
@@ -227,7 +216,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 path = smollm2_gguf()
             model = npr.load_model(path, dtype=torch.float32, device=device)
             tok = npr.load_tokenizer(path)
-            hf = None if args.no_hf else _hf_model(path, device)
+            hf = None if args.no_hf else common.hf_model(path, device)
             clock = _ForwardClock(hf, device) if hf is not None else None
             for mode in modes:
                 if mode == "parallel" and "<guideline>" not in tok.get_vocab():
