@@ -422,7 +422,8 @@ def engine_for(model, tok, **kw):
 
 def trunk_text_upto(c, tok) -> list[str]:
     """Per token index i: the text of the trunk's sampled tokens through i (steps and injected
-    tokens left out), as the engine matches stop strings on it."""
+    tokens left out): a string of content characters that occurs here first at i is first
+    completed by the trunk token i."""
     out, text = [], ""
     for t, b, inj in zip(c.token_ids, c.branch_ids, c.injected):
         if b == 0 and not inj:
@@ -478,6 +479,31 @@ def test_stop_strings_in_native_mode_skip_steps_and_cut_the_trunk(model, tok, ta
     assert got[0].text == full[:full.rfind(stop)] and stop not in got[0].text
     assert got[0].structure_valid  # it stopped in the final answer, after both blocks
     assert got[1].token_ids == ref[1].token_ids and got[1].finish_detail == ""
+    assert eng.pool_stats()["used_blocks"] == 0
+
+
+@pytest.mark.parametrize("parallel", ["native", "sequential"])
+def test_stop_strings_see_the_output_text_across_a_join(model, tok, tag_ids, native_ref, parallel):
+    """Stop strings are matched on the response text as the output has it: "</guideline>" followed
+    by the takeaway's first character is not in the output (the steps stand between) and must not
+    stop; "<takeaway>" (injected) followed by it is, and stops the sample right there."""
+    ids, kw, ref = native_ref
+    eng = engine_for(model, tok)
+    c0 = ref[0]
+    j = c0.token_ids.index(tag_ids["<takeaway>"])
+    first = tok.decode([c0.token_ids[j + 1]], skip_special_tokens=False)
+    kw = dict(kw, parallel=parallel)
+    absent = "</guideline>" + first
+    assert absent not in tok.decode(c0.token_ids, skip_special_tokens=False)
+    got = eng.generate(input_ids=[ids], sampling_params=npr.SamplingParams(stop=[absent], **kw))[0].outputs
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+    assert all(c.finish_detail == "" for c in got)
+    present = "<takeaway>" + first
+    got = eng.generate(input_ids=[ids], sampling_params=npr.SamplingParams(stop=[present], **kw))[0].outputs
+    assert got[0].token_ids == c0.token_ids[:j + 2]
+    assert got[0].finish_reason == "stop" and got[0].finish_detail == f"stop string {present!r}"
+    full = tok.decode(c0.token_ids[:j + 2], skip_special_tokens=False)
+    assert got[0].text == full[:full.rfind(present)]
     assert eng.pool_stats()["used_blocks"] == 0
 
 

@@ -31,6 +31,7 @@ class _Request:
     t_start: float = field(default_factory=time.perf_counter)
     stop_hit: dict[int, str] = field(default_factory=dict)   # sample -> the stop string hit
     trunk_tail: dict[int, str] = field(default_factory=dict)  # sample -> recent trunk text
+    trunk_pos: dict[int, int] = field(default_factory=dict)   # sample -> position of its last token
 
 
 class Engine:
@@ -273,13 +274,17 @@ class Engine:
 
     def _check_stop_strings(self, plan: dict[str, Any], tokens: list[int],
                             failed: dict[int, str]) -> list[int]:
-        """Stop strings apply to the trunk text (steps are exempt); matched on the trunk's text
-        decoded incrementally, token by token. Only the trunk rows of requests with stop
-        strings are visited."""
+        """Stop strings apply to the trunk (steps are exempt): when a trunk row samples a token,
+        the response's text in canonical order up to it is searched for a stop string that ends
+        in the new token's text. The text is kept incrementally; where the trunk resumes after
+        a join (its input position jumps), it is rebuilt from the row's visible tokens, so the
+        steps and the injected `<takeaway>` stand between the text before the fork and after
+        it, as in the output. Only the trunk rows of requests with stop strings are visited."""
         finished: list[int] = []
         req = plan["sample_request"]
         with_stop = np.fromiter(self._stop_requests, dtype=np.int64)
         want = np.isin(req, with_stop) & (plan["sample_in_step"] == 0)
+        pos = plan["positions"][plan["logits_indices"]]  # each row's input token's position
         for i in np.flatnonzero(want).tolist():
             rid = int(req[i])
             r = self._requests.get(rid)
@@ -288,10 +293,20 @@ class Engine:
             sample = int(plan["sample_index"][i])
             if sample in r.stop_hit:
                 continue
-            tail = r.trunk_tail.get(sample, "") + self._decode([tokens[i]])
             keep = max(len(x) for x in r.params.stop) + 16
+            p, prev = int(pos[i]), r.trunk_pos.get(sample)
+            if prev is not None and p != prev + 1:  # after a join: steps + <takeaway> precede
+                # the row's visible tokens, less the one just sampled (update() appended it)
+                seen = list(self.scheduler.visible_tokens(int(plan["sample_node"][i])))[:-1]
+                r.trunk_tail[sample] = self._decode(seen[len(r.prompt_ids):][-keep:])[-keep:]
+            r.trunk_pos[sample] = p
+            new = self._decode([tokens[i]])
+            tail = r.trunk_tail.get(sample, "") + new
             r.trunk_tail[sample] = tail[-keep:]
-            hit = next((x for x in r.params.stop if x in tail), None)
+            # only matches that end in the new text: a string wholly inside earlier text (e.g. in
+            # a step) was either matched when it was written or is exempt
+            hit = next((x for x in r.params.stop
+                        if tail.find(x, max(0, len(tail) - len(new) - len(x) + 1)) != -1), None)
             if hit is not None and not self.scheduler.output(rid, sample)["finish_reason"]:
                 r.stop_hit[sample] = hit
                 self.scheduler.finish_sample(rid, sample, "stop", f"stop string {hit!r}")
