@@ -13,13 +13,15 @@ is the dense-mask oracle (one [T, T] mask: tests, tiny inputs and models other t
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from npr.format import Layout
 from npr.ops.layout_attention import LayoutAttentionPlan
+from npr.ref.layout_attention import layout_mask
 
 
 @dataclass(frozen=True, eq=False)
@@ -52,12 +54,7 @@ class PackedBatch:
 
     def dense_mask(self) -> torch.Tensor:
         """bool [T, T], True = may attend: the reference for the hole representation."""
-        T = self.num_tokens
-        j = torch.arange(T, device=self.input_ids.device)
-        i = j[:, None]
-        vis = (j[None, :] <= i) & (j[None, :] >= self.seq_start[:, None])
-        hole = (j[None, :] >= self.hole_start[:, None]) & (j[None, :] < self.hole_end[:, None])
-        return vis & ~hole
+        return layout_mask(self.seq_start, self.hole_start, self.hole_end)
 
 
 def pack(items: Sequence[tuple[Sequence[int], Layout, Sequence[bool]]]) -> PackedBatch:
@@ -105,11 +102,18 @@ def token_logprobs_reference(model: torch.nn.Module, batch: PackedBatch,
     """Dense-mask oracle: model(input_ids [1, T], position_ids, attention_mask [T, T]) ->
     logprobs [T] fp32, lp[i] = log softmax(logits[i-1] / temperature)[input_ids[i]] where
     loss_mask[i], else 0. Differentiable; memory O(T^2 + T*V)."""
+    return _forward_logprobs(model, batch, lambda: batch.dense_mask()[None], temperature)
+
+
+def _forward_logprobs(model: torch.nn.Module, batch: PackedBatch, mask: Callable[[], Any],
+                      temperature: float) -> torch.Tensor:
+    """model(input_ids [1, T], position_ids [1, T], attention_mask=mask()) -> logprobs [T] fp32
+    (gather_logprobs). mask is built only after the temperature is checked."""
     if temperature <= 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
     out = model(batch.input_ids[None], position_ids=batch.position_ids[None],
-                attention_mask=batch.dense_mask()[None])
-    logits = (out.logits if hasattr(out, "logits") else out)[0].float()  # [T, V]
+                attention_mask=mask())
+    logits = (out.logits if hasattr(out, "logits") else out)[0]  # [T, V]
     return gather_logprobs(logits, batch, temperature)
 
 
@@ -141,9 +145,7 @@ def token_logprobs(model: torch.nn.Module, batch: PackedBatch,
     goes through model(...) either way, so DDP / FSDP2 wrappers see their forward."""
     if not uses_layout_attention(model):
         return token_logprobs_reference(model, batch, temperature)
-    if temperature <= 0:
-        raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    plan = LayoutAttentionPlan.build(batch.seq_start, batch.hole_start, batch.hole_end)
-    out = model(batch.input_ids[None], position_ids=batch.position_ids[None], attention_mask=plan)
-    logits = (out.logits if hasattr(out, "logits") else out)[0]  # [T, V]
-    return gather_logprobs(logits, batch, temperature)
+    return _forward_logprobs(
+        model, batch,
+        lambda: LayoutAttentionPlan.build(batch.seq_start, batch.hole_start, batch.hole_end),
+        temperature)
