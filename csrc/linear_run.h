@@ -12,6 +12,7 @@
 
 #include "cpu_isa.h"
 #include "linear_kernel.h"
+#include "thread_pool.h"
 
 namespace npr::linear_kernel {
 
@@ -28,7 +29,7 @@ template <class W>
 void run_plain(const float* x, int64_t ldx, int64_t M, const typename W::T* w, int64_t K,
                const float* bias, float* y, int64_t N) {
   const int64_t row_bytes = K * static_cast<int64_t>(sizeof(typename W::T));
-  at::parallel_for(0, N, grain_for(row_bytes), [&](int64_t n0, int64_t n1) {
+  npr::parallel_for(0, N, grain_for(row_bytes), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       plain_rows<W>(x, ldx, M, w + n * K, K, bias ? bias[n] : 0.f, y + n, N);
   });
@@ -44,7 +45,7 @@ void run_packed(const float* x, int64_t ldx, int64_t M, const typename W::T* w, 
   const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(typename W::T));
   // more than 4 rows: 8-row register blocks where the CPU has AVX-512 (32 registers)
   const bool wide = M > kPackRows && use_avx512();
-  at::parallel_for(0, nblocks, grain_for(block_bytes), [&](int64_t b0, int64_t b1) {
+  npr::parallel_for(0, nblocks, grain_for(block_bytes), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kPackN;
       const int nvalid = static_cast<int>(std::min<int64_t>(kPackN, N - n0));

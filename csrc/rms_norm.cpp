@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "simd.h"
+#include "thread_pool.h"
 
 namespace npr {
 
@@ -29,7 +30,7 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double ep
   const float* wp = wc.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   const float feps = static_cast<float>(eps);
-  at::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
+  npr::parallel_for(0, rows, 16, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) rms_norm_row(xp + r * d, wp, yp + r * d, d, feps);
   });
   return y;

@@ -26,6 +26,7 @@
 
 #include "cpu_isa.h"
 #include "simd.h"
+#include "thread_pool.h"
 #include "tree_attention_check.h"
 #include "tree_attention_cpu.h"
 #include "tree_attention_wide.h"
@@ -327,7 +328,7 @@ template <typename T>
 void merge(const float* o_part, const float* lse_part, const int32_t* q_part_indptr,
            const int32_t* q_parts, T* out, int64_t ntok, int64_t Hq, int64_t D) {
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, Hq * D));
-  at::parallel_for(0, ntok, grain, [&](int64_t b, int64_t e) {
+  npr::parallel_for(0, ntok, grain, [&](int64_t b, int64_t e) {
     std::vector<float> buf(D);
     for (int64_t t = b; t < e; ++t) {
       const int64_t a = q_part_indptr[t], n = q_part_indptr[t + 1] - a;
@@ -439,7 +440,7 @@ void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
   // (8 lanes; 24 rows, say, run faster there than padded to 32). Fewer rows: the row kernel.
   const bool wide = d.D % 8 == 0, avx512 = wide && use_avx512();
   const int32_t* ipi = c.item_part_indptr;
-  at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+  npr::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
     Scratch s;
     WideScratch ws;
     int64_t ran[3] = {0, 0, 0};

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 BENCH_SUITES = ("attention", "kv", "linear", "speedup", "peers", "papo", "train-attention",
-               "throughput")
+               "throughput", "threads")
 
 
 def _bench_module(suite: str):

@@ -6,6 +6,8 @@ forks, joins and finishes. generate() loops steps until every request is done.
 """
 from __future__ import annotations
 
+import contextlib
+
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -32,6 +34,23 @@ class _Request:
     stop_hit: dict[int, str] = field(default_factory=dict)   # sample -> the stop string hit
     trunk_tail: dict[int, str] = field(default_factory=dict)  # sample -> recent trunk text
     trunk_pos: dict[int, int] = field(default_factory=dict)   # sample -> position of its last token
+
+
+@contextlib.contextmanager
+def _serial_torch_ops(logits: torch.Tensor):
+    """Sampling's torch ops on CPU logits ([rows, V]: a few MB) run on the calling thread: an
+    OpenMP team's end-of-region barrier would wait a scheduler slice for any team thread a busy
+    neighbour process has descheduled (several times per step), for a split worth well under a
+    millisecond. npr's own kernels use npr's pool, which does not wait on such threads."""
+    n = torch.get_num_threads()
+    if n == 1 or not logits.is_cpu:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class Engine:
@@ -216,7 +235,8 @@ class Engine:
                 self.stats["steps"] += 1
                 self.stats["rows"] += n_rows
                 self.stats["tokens"] += len(plan["input_ids"])
-                tokens, logprobs = self._sample(plan, logits, failed)
+                with _serial_torch_ops(logits):
+                    tokens, logprobs = self._sample(plan, logits, failed)
             for i, why in failed.items():  # before update(): these rows get no token
                 rid = int(plan["sample_request"][i])
                 for s in range(self._requests[rid].params.n):
