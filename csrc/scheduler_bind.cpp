@@ -6,8 +6,11 @@
 
 #include <cstring>
 
+#include <torch/csrc/utils/pybind.h>
+
 #include "bindings.h"
 #include "scheduler.h"
+#include "step_plan.h"
 
 namespace py = pybind11;
 
@@ -43,6 +46,25 @@ Finish finish_from(const std::string& s) {
 }  // namespace
 
 void bind_scheduler(py::module_& m) {
+  py::class_<StepPlan>(m, "StepPlan",
+                       "One engine step's plan (csrc/step_plan.h): `ints` (int32) and `slots` "
+                       "(int64) go to the device in one copy each; the rest is host bookkeeping.")
+      .def_readonly("ints", &StepPlan::ints)
+      .def_readonly("slots", &StepPlan::slots)
+      .def_property_readonly("sizes", [](const StepPlan& p) { return p.sizes; })
+      .def_readonly("max_item_parts", &StepPlan::max_item_parts)
+      .def_readonly("kv_tokens_read", &StepPlan::kv_tokens_read)
+      .def_property_readonly("row_lens", [](const StepPlan& p) { return py::tuple(py::cast(p.row_lens)); })
+      .def_property_readonly("row_node", [](const StepPlan& p) { return to_array(p.row_node); })
+      .def_property_readonly("sample_request", [](const StepPlan& p) { return to_array(p.sample_request); })
+      .def_property_readonly("sample_index", [](const StepPlan& p) { return to_array(p.sample_index); })
+      .def_property_readonly("sample_node", [](const StepPlan& p) { return to_array(p.sample_node); })
+      .def_property_readonly("sample_branch", [](const StepPlan& p) { return to_array(p.sample_branch); })
+      .def_property_readonly("sample_in_step", [](const StepPlan& p) { return to_array(p.sample_in_step); })
+      .def_property_readonly("sample_position", [](const StepPlan& p) { return to_array(p.sample_position); })
+      .def_readonly("num_tokens", &StepPlan::num_tokens)
+      .def_readonly("num_rows", &StepPlan::num_rows)
+      .def_readonly("num_preempted", &StepPlan::num_preempted);
   py::class_<Scheduler>(m, "Scheduler")
       .def(py::init([](int64_t num_blocks, int64_t block_size, int64_t max_rows, int64_t max_tokens_per_step,
                        int64_t max_branches, std::vector<int32_t> tag_ids,
@@ -78,31 +100,14 @@ void bind_scheduler(py::module_& m) {
            py::arg("request_id"), py::arg("prompt"), py::arg("n"), py::arg("max_new_tokens"),
            py::arg("max_branch_tokens"), py::arg("mode"), py::arg("stop_ids"))
       .def("schedule",
-           [](Scheduler& s) {
-             Plan p = s.schedule();
-             py::dict d;
-             d["input_ids"] = to_array(p.input_ids);
-             d["positions"] = to_array(p.positions);
-             d["slots"] = to_array(p.slots);
-             d["q_indptr"] = to_array(p.q_indptr);
-             d["seg_indptr"] = to_array(p.seg_indptr);
-             d["seg_blocks"] = to_array(p.seg_blocks);
-             d["seg_fills"] = to_array(p.seg_fills);
-             d["row_seg_indptr"] = to_array(p.row_seg_indptr);
-             d["row_segs"] = to_array(p.row_segs);
-             d["row_node"] = to_array(p.row_node);
-             d["sample_rows"] = to_array(p.sample_rows);
-             d["logits_indices"] = to_array(p.logits_indices);
-             d["sample_request"] = to_array(p.sample_request);
-             d["sample_index"] = to_array(p.sample_index);
-             d["sample_node"] = to_array(p.sample_node);
-             d["sample_branch"] = to_array(p.sample_branch);
-             d["sample_in_step"] = to_array(p.sample_in_step);
-             d["copy_src"] = to_array(p.copy_src);
-             d["copy_dst"] = to_array(p.copy_dst);
-             d["num_preempted"] = p.num_preempted;
-             return d;
-           })
+           [](Scheduler& s, int64_t kv_chunk, int64_t max_item_queries) {
+             return make_step_plan(s.schedule(), s.config().block_size, s.config().num_blocks,
+                                   kv_chunk, max_item_queries);
+           },
+           py::arg("kv_chunk") = 1024, py::arg("max_item_queries") = 64,
+           "Plans the next step: a StepPlan (tree attention work items included). Raises "
+           "ValueError if the attention planner rejects the step's tree; the step is then "
+           "scheduled and cancel_step() undoes it.")
       .def("update", &Scheduler::update, py::arg("tokens"), py::arg("logprobs"))
       .def("finish_sample",
            [](Scheduler& s, int64_t id, int32_t sample, const std::string& reason, const std::string& detail) {

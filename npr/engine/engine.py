@@ -119,6 +119,8 @@ class Engine:
             max_model_len=self.max_context,
         )
         self.runner = ModelRunner(model, self.num_blocks, block_size, self.dtype, self.device)
+        # attention work items split segments into chunks of about this many tokens
+        self._kv_chunk = 256 if self.device.type == "cuda" else 1024
         if self.device.type == "cpu" and decode_weights != "plain" and hasattr(model, "pack_weights"):
             packed = {"auto": model.dtype, "bf16": torch.bfloat16, "fp16": torch.float16}[decode_weights]
             model.pack_weights(packed)
@@ -222,10 +224,11 @@ class Engine:
         other requests go on. An exception raised inside a processor propagates (with a note
         naming it and the request): the requests of the step are aborted, the engine stays
         usable."""
-        plan = self.scheduler.schedule()
         failed: dict[int, str] = {}  # sampling row -> why its request was aborted
         try:
-            n_rows = len(plan["row_node"])
+            # the whole step's plan, attention work items included, built in C++
+            plan = self.scheduler.schedule(kv_chunk=self._kv_chunk)
+            n_rows = plan.num_rows
             tokens: list[int] = []
             logprobs: list[float] = []
             if n_rows:
@@ -234,11 +237,11 @@ class Engine:
                 self.stats["forward_s"] += time.perf_counter() - t0
                 self.stats["steps"] += 1
                 self.stats["rows"] += n_rows
-                self.stats["tokens"] += len(plan["input_ids"])
+                self.stats["tokens"] += plan.num_tokens
                 with _serial_torch_ops(logits):
                     tokens, logprobs = self._sample(plan, logits, failed)
             for i, why in failed.items():  # before update(): these rows get no token
-                rid = int(plan["sample_request"][i])
+                rid = int(plan.sample_request[i])
                 for s in range(self._requests[rid].params.n):
                     self.scheduler.finish_sample(rid, s, "abort", why)
         except BaseException:
@@ -253,27 +256,27 @@ class Engine:
         finished = self._pending_finished + list(self.scheduler.update(tokens, logprobs))
         self._pending_finished = []
         if self.on_token is not None and tokens:  # the hook wants every row's token
-            for i, (rid, s, b, tok) in enumerate(zip(plan["sample_request"].tolist(),
-                                                     plan["sample_index"].tolist(),
-                                                     plan["sample_branch"].tolist(), tokens)):
+            for i, (rid, s, b, tok) in enumerate(zip(plan.sample_request.tolist(),
+                                                     plan.sample_index.tolist(),
+                                                     plan.sample_branch.tolist(), tokens)):
                 if i not in failed:
                     self.on_token(rid, s, b, tok)
         if self._stop_requests and tokens:
             finished += self._check_stop_strings(plan, tokens, failed)
         return [self._collect(rid) for rid in finished]
 
-    def _sample(self, plan: dict[str, Any], logits: torch.Tensor,
+    def _sample(self, plan: Any, logits: torch.Tensor,
                 failed: dict[int, str]) -> tuple[list[int], list[float]]:
         """logits: [S, V] for the sampling rows in plan order -> (tokens, logprobs) as lists.
         All rows are sampled in one batch (npr.engine.sampling.sample_batch); only rows with
         logits processors (their visible tokens) and rows inside a step with a repetition
         penalty (their step tokens) are visited one by one. Rows whose processors returned
         unusable logits go into failed (row -> message); their token is a placeholder."""
-        req = plan["sample_request"]
-        node = plan["sample_node"]
-        counter = plan["positions"][plan["logits_indices"]]  # position each row samples from
-        rows = self.sampler.rows(req, plan["sample_index"], plan["sample_branch"], counter,
-                                 plan["sample_in_step"])
+        req = plan.sample_request
+        node = plan.sample_node
+        counter = plan.sample_position  # position each row samples from
+        rows = self.sampler.rows(req, plan.sample_index, plan.sample_branch, counter,
+                                 plan.sample_in_step)
         proc_rows = np.flatnonzero(rows.processors)
         if len(proc_rows):
             logits = logits.float().clone()
@@ -292,7 +295,7 @@ class Engine:
         both = torch.stack([tok.double(), lp.double()]).cpu()  # one device-to-host copy
         return both[0].long().tolist(), both[1].float().tolist()
 
-    def _check_stop_strings(self, plan: dict[str, Any], tokens: list[int],
+    def _check_stop_strings(self, plan: Any, tokens: list[int],
                             failed: dict[int, str]) -> list[int]:
         """Stop strings apply to the trunk (steps are exempt): when a trunk row samples a token,
         the response's text in canonical order up to it is searched for a stop string that ends
@@ -301,23 +304,24 @@ class Engine:
         steps and the injected `<takeaway>` stand between the text before the fork and after
         it, as in the output. Only the trunk rows of requests with stop strings are visited."""
         finished: list[int] = []
-        req = plan["sample_request"]
+        req = plan.sample_request
         with_stop = np.fromiter(self._stop_requests, dtype=np.int64)
-        want = np.isin(req, with_stop) & (plan["sample_in_step"] == 0)
-        pos = plan["positions"][plan["logits_indices"]]  # each row's input token's position
+        want = np.isin(req, with_stop) & (plan.sample_in_step == 0)
+        pos = plan.sample_position  # each row's input token's position
+        sample_index, sample_node = plan.sample_index, plan.sample_node
         for i in np.flatnonzero(want).tolist():
             rid = int(req[i])
             r = self._requests.get(rid)
             if r is None or i in failed:
                 continue
-            sample = int(plan["sample_index"][i])
+            sample = int(sample_index[i])
             if sample in r.stop_hit:
                 continue
             keep = max(len(x) for x in r.params.stop) + 16
             p, prev = int(pos[i]), r.trunk_pos.get(sample)
             if prev is not None and p != prev + 1:  # after a join: steps + <takeaway> precede
                 # the row's visible tokens, less the one just sampled (update() appended it)
-                seen = list(self.scheduler.visible_tokens(int(plan["sample_node"][i])))[:-1]
+                seen = list(self.scheduler.visible_tokens(int(sample_node[i])))[:-1]
                 r.trunk_tail[sample] = self._decode(seen[len(r.prompt_ids):][-keep:])[-keep:]
             r.trunk_pos[sample] = p
             new = self._decode([tokens[i]])

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from npr import ops
@@ -15,14 +14,10 @@ class PagedTreeAttention:
     per sibling group). Implements the models' attention protocol attn(layer, q, k, v)."""
 
     def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                 plan: dict[str, torch.Tensor], block_size: int) -> None:
+                 slots: torch.Tensor, plan: ops.TreeAttentionPlan) -> None:
         self.k_caches, self.v_caches = k_caches, v_caches
-        self.slots = plan["slots"]
-        # Built once per step, shared by all layers.
-        self.plan = ops.attention.plan(
-            plan["q_indptr"], plan["seg_indptr"], plan["seg_blocks"], plan["seg_fills"],
-            plan["row_seg_indptr"], plan["row_segs"], block_size,
-        )
+        self.slots = slots
+        self.plan = plan  # built once per step (in C++, by the scheduler), shared by all layers
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
@@ -54,23 +49,20 @@ class ModelRunner:
     def release(self) -> None:
         self.k_caches, self.v_caches = [], []
 
-    def _tensors(self, plan: dict[str, Any]) -> dict[str, torch.Tensor]:
-        out = {}
-        for k, v in plan.items():
-            if isinstance(v, np.ndarray):
-                t = torch.from_numpy(v)
-                out[k] = t.to(self.device) if self.device.type != "cpu" else t
-        return out
-
     @torch.inference_mode()
-    def forward(self, plan: dict[str, Any]) -> torch.Tensor:
-        """Runs the plan; returns fp32 logits [num sampling rows, V]."""
-        t = self._tensors(plan)
-        if t["copy_src"].numel():
+    def forward(self, plan: Any) -> torch.Tensor:
+        """Runs one step's plan (npr._C.StepPlan); returns fp32 logits [num sampling rows, V]."""
+        T, _, n_sample, n_copy, _ = plan.sizes[:5]
+        # one host-to-device copy per buffer; every plan tensor is a view of one of them
+        ints = plan.ints.to(self.device)
+        parts = torch.split(ints, list(plan.sizes))
+        input_ids, positions, logits_indices, copy_src, copy_dst = parts[:5]
+        if n_copy:
             for kc, vc in zip(self.k_caches, self.v_caches):
-                ops.copy_blocks(kc, vc, t["copy_src"].long(), t["copy_dst"].long())
-        attn = PagedTreeAttention(self.k_caches, self.v_caches, t, self.block_size)
-        logits = self.model.forward_flat(
-            t["input_ids"].long(), t["positions"].long(), attn, logits_indices=t["logits_indices"].long()
-        )
+                ops.copy_blocks(kc, vc, copy_src.long(), copy_dst.long())
+        tree = ops.attention.plan_from_parts(parts[5:], self.block_size, plan.max_item_parts,
+                                             plan.row_lens, plan.kv_tokens_read)
+        attn = PagedTreeAttention(self.k_caches, self.v_caches, plan.slots.to(self.device), tree)
+        logits = self.model.forward_flat(input_ids.long(), positions.long(), attn,
+                                         logits_indices=logits_indices.long())
         return logits.float()

@@ -110,6 +110,7 @@ def plan(
     kv_chunk: int | None = None,
     max_item_queries: int = 64,
     device: torch.device | str | None = None,
+    reference: bool = False,
 ) -> TreeAttentionPlan:
     """Plans one batch step's tree attention (shared by all layers). Validates the tree.
 
@@ -120,6 +121,7 @@ def plan(
     kv_chunk: split long segments into items of about this many tokens (parallelism / split-KV;
         default 1024 on CPU, 256 on CUDA). max_item_queries: at most this many queries per item.
     device: where the plan tensors go (default: where q_indptr is).
+    reference: plan with the step-by-step numpy version (the compiled planner's oracle).
     """
     if device is None:
         device = q_indptr.device if isinstance(q_indptr, torch.Tensor) else "cpu"
@@ -129,12 +131,22 @@ def plan(
     if block_size < 1 or kv_chunk < 1 or max_item_queries < 1:
         raise ValueError("tree_attention plan: block_size, kv_chunk and max_item_queries must be "
                          f">= 1, got {block_size}, {kv_chunk}, {max_item_queries}")
-    qi = _np(q_indptr, "q_indptr")
-    si = _np(seg_indptr, "seg_indptr")
-    sb = _np(seg_blocks, "seg_blocks")
-    sf = _np(seg_fills, "seg_fills")
-    ri = _np(row_seg_indptr, "row_seg_indptr")
-    rs = _np(row_segs, "row_segs")
+    arrays = [_np(a, name) for a, name in ((q_indptr, "q_indptr"), (seg_indptr, "seg_indptr"),
+                                           (seg_blocks, "seg_blocks"), (seg_fills, "seg_fills"),
+                                           (row_seg_indptr, "row_seg_indptr"), (row_segs, "row_segs"))]
+    if reference or not _ext.available():
+        return _plan_numpy(*arrays, block_size, num_blocks, kv_chunk, max_item_queries, device)
+    buf, sizes, max_parts, row_lens, kv_read = _ext._C.plan_tree_attention(
+        *(torch.from_numpy(a) for a in arrays), block_size,
+        -1 if num_blocks is None else num_blocks, kv_chunk, max_item_queries)
+    return _package(buf, sizes, block_size, max_parts, tuple(row_lens), kv_read, device)
+
+
+def _plan_numpy(qi: np.ndarray, si: np.ndarray, sb: np.ndarray, sf: np.ndarray, ri: np.ndarray,
+                rs: np.ndarray, block_size: int, num_blocks: int | None, kv_chunk: int,
+                max_item_queries: int, device: torch.device) -> TreeAttentionPlan:
+    """The planner step by step in numpy: the reference of csrc/tree_attention_plan.cpp (same
+    items in the same order, same errors) and the path without the extension."""
     _check_indptr(qi, "q_indptr")
     _check_indptr(si, "seg_indptr", sb.size)
     _check_indptr(ri, "row_seg_indptr", rs.size)
@@ -226,21 +238,35 @@ def plan(
     q_part_indptr = np.concatenate([[0], np.cumsum(counts)])
     kv_tokens_read = int(sum(cum[it[2]] - cum[it[1]] for it in items))
 
-    # one int32 buffer, one host-to-device copy; the plan's tensors are contiguous views of it
     parts = [qi, si, sb, sf, ri, rs, item_ents.reshape(-1), item_part_indptr, part_q, part_nvis,
              q_part_indptr, q_parts]
-    buf = torch.from_numpy(np.concatenate(parts).astype(np.int32)).to(device)
-    (t_qi, t_si, t_sb, t_sf, t_ri, t_rs, t_ie, t_ipi, t_pq, t_pn, t_qpi,
-     t_qp) = torch.split(buf, [a.size for a in parts])
+    buf = torch.from_numpy(np.concatenate(parts).astype(np.int32))
+    return _package(buf, [a.size for a in parts], block_size, int(nparts.max()) if W else 0,
+                    tuple(int(x) for x in row_len), kv_tokens_read, device)
 
+
+def _package(buf: torch.Tensor, sizes: list[int], block_size: int, max_item_parts: int,
+             row_lens: tuple[int, ...], kv_tokens_read: int, device: torch.device) -> TreeAttentionPlan:
+    """buf: int32 [sum(sizes)], the 12 plan tensors back to back -> the plan on device: one
+    host-to-device copy; the plan's tensors are contiguous views of it."""
+    return plan_from_parts(torch.split(buf.to(device), list(sizes)), block_size, max_item_parts,
+                           row_lens, kv_tokens_read)
+
+
+def plan_from_parts(parts: tuple[torch.Tensor, ...] | list[torch.Tensor], block_size: int,
+                    max_item_parts: int, row_lens: tuple[int, ...],
+                    kv_tokens_read: int) -> TreeAttentionPlan:
+    """The 12 int32 plan tensors in TreeAttentionPlan.tensors() order (item_ents flat) and the
+    host-side facts -> a TreeAttentionPlan (no copies)."""
+    (t_qi, t_si, t_sb, t_sf, t_ri, t_rs, t_ie, t_ipi, t_pq, t_pn, t_qpi, t_qp) = parts
     return TreeAttentionPlan(
         q_indptr=t_qi, seg_indptr=t_si, seg_blocks=t_sb, seg_fills=t_sf,
         row_seg_indptr=t_ri, row_segs=t_rs,
-        item_ents=t_ie.view(W, 2), item_part_indptr=t_ipi, part_q=t_pq,
+        item_ents=t_ie.view(-1, 2), item_part_indptr=t_ipi, part_q=t_pq,
         part_nvis=t_pn, q_part_indptr=t_qpi, q_parts=t_qp,
-        block_size=int(block_size), num_queries=T,
-        max_item_parts=int(nparts.max()) if W else 0,
-        row_lens=tuple(int(x) for x in row_len), kv_tokens_read=kv_tokens_read,
+        block_size=int(block_size), num_queries=int(t_qpi.numel()) - 1,
+        max_item_parts=int(max_item_parts), row_lens=tuple(row_lens),
+        kv_tokens_read=int(kv_tokens_read),
     )
 
 
