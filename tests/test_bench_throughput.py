@@ -27,6 +27,9 @@ def test_bench_throughput_quick_rows(tmp_path, capsys):
             assert wall == pytest.approx(r[f"{who}_ms_per_step"] * r[f"{who}_steps"] / 1e3, rel=1e-6)
         assert r["speedup_vs_hf"] == pytest.approx(r["npr_tok_s"] / r["hf_tok_s"])
         assert r["npr_preemptions"] == 0  # the KV pool is sized for the case
+        assert r["read_gbs"] > 0 and r["gemm_gflops"] > 0 and r["roofline_tok_s"] > 0
+        # a lower bound on time: npr / HF cannot beat it by much (the GEMM reference is torch.mm)
+        assert 0 < r["npr_share_of_roofline"] < 1.5 and 0 < r["hf_share_of_roofline"] < 1.5
         if r["mode"] == "plain":
             assert r["branches"] == 1 and r["tokens"] == 16 * r["rows"]  # --quick: 16 new tokens
             assert r["hf_steps"] == 16  # one forward per token
@@ -50,3 +53,19 @@ def test_bench_throughput_quick_rows(tmp_path, capsys):
 def test_bench_throughput_bad_options(argv, match):
     with pytest.raises(ValueError, match=match):
         cli.main(["bench", "throughput", *argv])
+
+
+def test_linear_params_counts_every_linear_weight(tmp_path):
+    import npr
+    from npr.bench.throughput import linear_params, roofline_s, tiny_model_folder
+
+    model = npr.load_model(tiny_model_folder(str(tmp_path / "tiny")))
+    cfg = model.config
+    want = sum(p.numel() for name, p in model.named_parameters()
+               if p.dim() == 2 and "embed" not in name) + (cfg.vocab_size * cfg.hidden_size
+                                                           if cfg.tie_word_embeddings else 0)
+    assert linear_params(cfg) == want
+    # compute-bound at many tokens, bandwidth-bound at few
+    w = linear_params(cfg)
+    assert roofline_s(cfg, 10**6, 1, 1.0, 1.0) == pytest.approx(2.0 * w * 10**6 / 1e9)
+    assert roofline_s(cfg, 1, 10**6, 1.0, 1e9) == pytest.approx(10**6 * 4.0 * w / 1e9)

@@ -11,7 +11,9 @@ a warm-up of both).
   sequence as plain decoding (what a sequential decoder must write to produce the trajectory).
 Reported: tokens/s (all sequences' new tokens / wall time), ms per step, and the step's time
 outside the model forward: host_ms_per_step = (wall - forward) / steps, from engine.stats (for
-HF, from hooks on the model's forward: one forward per generated token).
+HF, from hooks on the model's forward: one forward per generated token). roofline_tok_s: the
+tokens/s the machine's GEMM rate and read bandwidth, measured around the case, allow for npr's
+tokens fed and steps (`roofline_s`); *_share_of_roofline: how close each method came.
 
 Models: "tiny", a random Llama of the demo's size (d=96, 3 layers, the demo's tokenizer with the
 tags; saved as an HF folder that both npr and transformers load), and "smollm2",
@@ -132,6 +134,7 @@ def _npr_run(eng: Any, prompts: list[list[int]], params: list[Any]) -> dict[str,
     wall = time.perf_counter() - t0
     return {"wall_s": wall, "steps": eng.stats["steps"] - before["steps"],
             "forward_s": eng.stats["forward_s"] - before["forward_s"],
+            "fed": eng.stats["tokens"] - before["tokens"],
             "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
             "token_ids": [o.outputs[0].token_ids for o in outs]}
 
@@ -166,6 +169,23 @@ def _summary(prefix: str, r: dict[str, Any]) -> dict[str, Any]:
             f"{prefix}_host_ms_per_step": 1e3 * (r["wall_s"] - r["forward_s"]) / steps,
             f"{prefix}_host_share": (r["wall_s"] - r["forward_s"]) / r["wall_s"],
             f"{prefix}_steps": r["steps"]}
+
+
+def linear_params(cfg: Any) -> int:
+    """Weights of the model's linears per token (every layer's q/k/v/o and MLP, the LM head)."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    per_layer = H * (cfg.num_heads + 2 * cfg.num_kv_heads) * D + cfg.num_heads * D * H \
+        + 3 * H * cfg.intermediate_size
+    return cfg.num_layers * per_layer + cfg.vocab_size * H
+
+
+def roofline_s(cfg: Any, fed_tokens: int, steps: int, read_gbs: float, gemm_gflops: float) -> float:
+    """The least time a run could take on this machine: its linears' multiply-adds (2 flops per
+    weight per token fed) at the measured GEMM rate, or every step reading the fp32 weights once
+    at the measured read bandwidth, whichever is longer (attention and the host ignored: a
+    lower bound)."""
+    w = linear_params(cfg)
+    return max(2.0 * w * fed_tokens / (gemm_gflops * 1e9), steps * 4.0 * w / (read_gbs * 1e9))
 
 
 def _agree(a: list[list[int]], b: list[list[int]], eos: set[int]) -> float:
@@ -276,14 +296,19 @@ def _case(model: Any, tok: Any, hf: Any, clock: _ForwardClock | None, model_name
     if hf is not None:
         _hf_run(hf, clock, ids, hf_tokens, temp, pad)
     best: dict[str, dict[str, Any]] = {}
-    for _ in range(args.repeat):
-        r = _npr_run(eng, prompts, params())
-        if "npr" not in best or r["wall_s"] < best["npr"]["wall_s"]:
-            best["npr"] = r
-        if hf is not None:
-            r = _hf_run(hf, clock, ids, hf_tokens, temp, pad)
-            if "hf" not in best or r["wall_s"] < best["hf"]["wall_s"]:
-                best["hf"] = r
+
+    def timed() -> None:
+        for _ in range(args.repeat):
+            r = _npr_run(eng, prompts, params())
+            if "npr" not in best or r["wall_s"] < best["npr"]["wall_s"]:
+                best["npr"] = r
+            if hf is not None:
+                r = _hf_run(hf, clock, ids, hf_tokens, temp, pad)
+                if "hf" not in best or r["wall_s"] < best["hf"]["wall_s"]:
+                    best["hf"] = r
+
+    # the machine's read bandwidth and GEMM rate right around the timed runs (they drift)
+    _, read_gbs, gemm_gflops = common.rates_around(args.device, torch.float32, timed)
     if best["npr"]["tokens"] != warm["tokens"]:
         raise RuntimeError(f"{model_name} {mode}: npr wrote {best['npr']['tokens']} tokens, "
                            f"{warm['tokens']} in the warm-up")
@@ -291,9 +316,14 @@ def _case(model: Any, tok: Any, hf: Any, clock: _ForwardClock | None, model_name
                            "branches": n if mode == "parallel" else 1, "prompt": P,
                            "tokens": best["npr"]["tokens"], **_summary("npr", best["npr"]),
                            "npr_preemptions": int(eng.scheduler.num_preemptions())}
+    floor = roofline_s(model.config, best["npr"]["fed"], best["npr"]["steps"], read_gbs, gemm_gflops)
+    row.update({"read_gbs": read_gbs, "gemm_gflops": gemm_gflops,
+                "roofline_tok_s": row["tokens"] / floor,
+                "npr_share_of_roofline": floor / best["npr"]["wall_s"]})
     if "hf" in best:
         row.update(_summary("hf", best["hf"]))
         row["speedup_vs_hf"] = row["npr_tok_s"] / row["hf_tok_s"]
+        row["hf_share_of_roofline"] = floor / best["hf"]["wall_s"]
         if mode == "plain" and temp == 0:
             row["greedy_agree"] = _agree(best["npr"]["token_ids"], best["hf"]["token_ids"],
                                          {tok.eos_token_id})
