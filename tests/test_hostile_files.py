@@ -364,3 +364,17 @@ def torch_equal_weights(a, b) -> bool:
 
     wa, wb = a.hf_weight_map(), b.hf_weight_map()
     return wa.keys() == wb.keys() and all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_load_tokenizer_of_a_folder_without_one_names_the_folders_that_have_one(tmp_path):
+    import npr
+    from npr.models.loader import CheckpointError
+    from npr.tasks.tokenizer import build_tokenizer
+
+    build_tokenizer().save_pretrained(str(tmp_path / "stage" / "model"))
+    assert len(npr.load_tokenizer(tmp_path / "stage" / "model")) > 0
+    with pytest.raises(CheckpointError, match=r"no tokenizer in this folder.*\['model'\]"):
+        npr.load_tokenizer(tmp_path / "stage")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty: no tokenizer in this folder \(tokenizer.json"):
+        npr.load_tokenizer(tmp_path / "empty")

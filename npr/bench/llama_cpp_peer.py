@@ -59,6 +59,10 @@ class LlamaCppPeer:
     def __init__(self, path: str, *, n_ctx: int, n_seq: int, threads: int) -> None:
         import llama_cpp as L
 
+        if not (hasattr(L, "llama_memory_seq_cp") and "kv_unified" in dict(L.llama_context_params._fields_)):
+            raise RuntimeError(f"llama-cpp-python {getattr(L, '__version__', '?')} lacks the memory API "
+                               "(llama_memory_seq_cp, kv_unified) the peer uses: pip install "
+                               "'llama-cpp-python>=0.3.36'")
         self.L = L
         L.llama_backend_init()
         self._quiet = L.llama_log_callback(lambda level, text, user: None)  # keep a reference

@@ -245,7 +245,14 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
     path = os.fspath(path)
     if os.path.isdir(path):
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:  # no tokenizer files here: transformers' long message
+            below = sorted(os.path.relpath(root, path) for root, _, files in os.walk(path)
+                           if root != path and {"tokenizer.json", "tokenizer_config.json"} & set(files))
+            hint = f"; folders below it that hold one: {below[:5]}" if below else ""
+            raise CheckpointError(f"{path}: no tokenizer in this folder (tokenizer.json / "
+                                  f"tokenizer_config.json){hint}") from e
     if path.endswith(".gguf") and os.path.isfile(path):
         from npr.models.gguf import open_reader
 
