@@ -206,8 +206,7 @@ TreeAttentionPlanData plan_tree_attention(const I64& qi, const I64& si, const I6
   };
   put(qi), put(si), put(sb), put(sf), put(ri), put(rs);
   for (const Item& it : items) *out++ = static_cast<int32_t>(it.e0), *out++ = static_cast<int32_t>(it.e1);
-  int32_t* ipi = out;
-  *out++ = 0;
+  *out++ = 0;  // item_part_indptr
   for (const Item& it : items) *out = out[-1] + static_cast<int32_t>(it.q.size()), ++out;
   int32_t* part_q = out;
   for (const Item& it : items) put(it.q);
@@ -222,7 +221,6 @@ TreeAttentionPlanData plan_tree_attention(const I64& qi, const I64& si, const I6
   put(counts);
   int32_t* q_parts = out;
   for (int64_t p = 0; p < P; ++p) q_parts[counts[part_q[p]]++] = static_cast<int32_t>(p);
-  (void)ipi;
   return {buf, sizes, max_parts, row_len, kv_read};
 }
 

@@ -7,7 +7,6 @@ forks, joins and finishes. generate() loops steps until every request is done.
 from __future__ import annotations
 
 import contextlib
-
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence

@@ -52,7 +52,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, plan: Any) -> torch.Tensor:
         """Runs one step's plan (npr._C.StepPlan); returns fp32 logits [num sampling rows, V]."""
-        T, _, n_sample, n_copy, _ = plan.sizes[:5]
+        n_copy = plan.sizes[3]
         # one host-to-device copy per buffer; every plan tensor is a view of one of them
         ints = plan.ints.to(self.device)
         parts = torch.split(ints, list(plan.sizes))
