@@ -50,6 +50,7 @@ _BAD = [
     (dict(seg_fills=[4, 0, 3, 4]), {}),
     (dict(seg_fills=[5, 2, 3, 4]), {}),
     ({}, dict(num_blocks=3)),
+    ({}, dict(num_blocks=0)),  # a pool of no blocks: every block id is out of range
     (dict(q_indptr=[0, 10, 11]), {}),
     (dict(row_segs=[0, 1, 0, 3]), {}),
     (dict(row_seg_indptr=[0, 2]), {}),

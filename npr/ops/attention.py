@@ -161,7 +161,8 @@ def _plan_numpy(qi: np.ndarray, si: np.ndarray, sb: np.ndarray, sf: np.ndarray, 
         raise ValueError(f"tree_attention plan: seg_fills[{e}]={sf[e]} outside 1..block_size="
                          f"{block_size}")
     if sb.size and (sb.min() < 0 or (num_blocks is not None and sb.max() >= num_blocks)):
-        e = int(np.flatnonzero((sb < 0) | (sb >= (num_blocks or np.iinfo(np.int64).max)))[0])
+        e = int(np.flatnonzero((sb < 0) | (sb >= (np.iinfo(np.int64).max if num_blocks is None
+                                                        else num_blocks)))[0])
         raise ValueError(f"tree_attention plan: seg_blocks[{e}]={sb[e]} is not a block id in "
                          f"[0, {num_blocks})")
     if rs.size and (rs.min() < 0 or rs.max() >= S):
