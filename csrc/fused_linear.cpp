@@ -12,7 +12,10 @@
 // x' lives in a small scratch buffer ([M, K], zero-padded to a multiple of 8 for packed
 // weights); the linear is the same kernel as npr::linear_small / npr::linear_packed.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -134,35 +137,61 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
     const float* bp = bc.defined() ? bc.const_data_ptr<float>() : nullptr;
     for (int64_t i = 0; i < M * n; ++i) yp[i] = bp ? bp[i % n] : 0.f;
   } else {
-    // Prologue into x' [M, ldx], zero-padded to a multiple of 8 (what a packed weight needs).
-    const int64_t ldx = round_up(K, kPackK);
-    std::vector<float> xs(static_cast<size_t>(M * ldx), 0.f);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* xr = xp + m * Kx;
-      float* out = xs.data() + m * ldx;
-      if (silu_mul) {
-        silu_mul_row(xr, xr + K, out, K);
-      } else if (nw.defined()) {
-        rms_norm_row(xr, nw.const_data_ptr<float>(), out, K, static_cast<float>(eps));
-      } else {
-        std::copy(xr, xr + K, out);
-      }
+    // Past kGemmRowsMin rows of a plain fp32 weight torch's GEMM (MKL) beats the streaming
+    // kernel; the prologue and epilogues stay fused here (one op instead of ~5 small ones).
+    const bool gemm = wc.dim() == 2 && wc.scalar_type() == at::kFloat && M > kGemmRowsMin;
+    const bool prologue = silu_mul || nw.defined();
+    // x' [M, ldx]: for the streaming kernels zero-padded to a multiple of 8 (what a packed
+    // weight needs); a GEMM without prologue reads x itself.
+    const int64_t ldx = gemm ? K : round_up(K, kPackK);
+    at::Tensor xs = gemm && !prologue ? xc.view({M, K})
+                    : ldx == K       ? at::empty({M, ldx}, x.options())
+                                     : at::zeros({M, ldx}, x.options());
+    if (prologue || !gemm) {
+      float* xsp = xs.mutable_data_ptr<float>();
+      npr::parallel_for(0, M, grain_for(Kx * int64_t(sizeof(float))), [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+          const float* xr = xp + m * Kx;
+          float* out = xsp + m * ldx;
+          if (silu_mul) {
+            silu_mul_row(xr, xr + K, out, K);
+          } else if (nw.defined()) {
+            rms_norm_row(xr, nw.const_data_ptr<float>(), out, K, static_cast<float>(eps));
+          } else {
+            std::copy(xr, xr + K, out);
+          }
+        }
+      });
     }
-    run_linear(xs.data(), ldx, M, K, wc, n, bc.defined() ? bc.const_data_ptr<float>() : nullptr,
-               yp);
+    if (gemm) {
+      at::Tensor y2 = y.view({M, n});
+      if (bc.defined())
+        at::addmm_out(y2, bc, xs, wc.t());
+      else
+        at::mm_out(y2, xs, wc.t());
+    } else {
+      run_linear(xs.const_data_ptr<float>(), ldx, M, K, wc, n,
+                 bc.defined() ? bc.const_data_ptr<float>() : nullptr, yp);
+    }
   }
+  // Epilogues, by rows (a prefill has thousands).
+  const int64_t row_grain = grain_for(n * int64_t(sizeof(float)));
   if (cc.defined() && rope_heads > 0) {
-    for (int64_t m = 0; m < M; ++m)
-      rope_row(yp + m * n, cc.const_data_ptr<float>() + m * D, sc.const_data_ptr<float>() + m * D,
-               rope_heads, D);
+    const float* cp = cc.const_data_ptr<float>();
+    const float* sp = sc.const_data_ptr<float>();
+    npr::parallel_for(0, M, row_grain, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) rope_row(yp + m * n, cp + m * D, sp + m * D, rope_heads, D);
+    });
   }
   if (rc.defined()) {
     const float* rp = rc.const_data_ptr<float>();
-    const int64_t total = M * n;
-    int64_t i = 0;
-    for (; i + 8 <= total; i += 8)
-      _mm256_storeu_ps(yp + i, _mm256_add_ps(_mm256_loadu_ps(yp + i), _mm256_loadu_ps(rp + i)));
-    for (; i < total; ++i) yp[i] += rp[i];
+    npr::parallel_for(0, M, row_grain, [&](int64_t m0, int64_t m1) {
+      const int64_t end = m1 * n;
+      int64_t i = m0 * n;
+      for (; i + 8 <= end; i += 8)
+        _mm256_storeu_ps(yp + i, _mm256_add_ps(_mm256_loadu_ps(yp + i), _mm256_loadu_ps(rp + i)));
+      for (; i < end; ++i) yp[i] += rp[i];
+    });
   }
   return y;
 }

@@ -20,6 +20,9 @@ namespace npr::linear_kernel {
 // saves.
 inline constexpr int64_t kMinTaskBytes = int64_t(32) << 10;
 
+// More rows than this, a plain fp32 weight goes to torch's GEMM (= npr.ops.linear.SMALL_ROWS_MAX).
+inline constexpr int64_t kGemmRowsMin = 16;
+
 inline int64_t grain_for(int64_t bytes_per_item) {
   return std::max<int64_t>(1, kMinTaskBytes / std::max<int64_t>(1, bytes_per_item));
 }

@@ -176,10 +176,38 @@ def test_bad_input_names_problem():
         npr.ops.linear_fused(torch.randn(2, 16), w, norm_weight=torch.ones(8), silu_mul=True)
 
 
+@pytest.mark.parametrize("prologue", PROLOGUES)
+def test_many_rows_take_torch_gemm_inside_the_op(prologue, monkeypatch):
+    # Past SMALL_ROWS_MAX rows an fp32 [N, K] weight goes to torch's GEMM inside the op, with the
+    # prologue and epilogues (rope, residual) still fused: one op call, reference results.
+    calls = []
+    real = torch.ops.npr.linear_fused
+    monkeypatch.setattr(torch.ops.npr, "linear_fused", lambda *a: calls.append(a) or real(*a))
+    for m in (_lin.SMALL_ROWS_MAX + 1, 64, 300):
+        for k, n in [(7, 12), (40, 12), (96, 288), (576, 320)]:
+            for rope_d, residual in ((0, False), (4, True), (64, True)):
+                x, w, b, kw = _case(m, k, n, prologue, residual, seed=m + k + n + rope_d,
+                                    rope_d=rope_d)
+                _check(npr.ops.linear_fused(x, w, b, **kw), x, w, b, kw)
+                _check(npr.ops.linear_fused(x, w, None, **kw), x, w, torch.zeros(n), kw)
+    assert len(calls) == 3 * 4 * 3 * 2
+
+
+def test_opcheck_many_rows():
+    x, w, b, kw = _case(40, 19, 12, "norm", True, seed=5, rope_d=4)
+    torch.library.opcheck(torch.ops.npr.linear_fused.default,
+                          (x, w, 12, b, kw["norm_weight"], 1e-5, False, kw["residual"],
+                           kw["rope_cos"], kw["rope_sin"], kw["rope_heads"]))
+
+
 def test_fallbacks_match_reference(monkeypatch):
-    # Many rows with fp32 [N, K] weights: the separate ops (torch GEMM).
+    # Inputs that need gradients: the separate ops (the fused op has no backward).
     x, w, b, kw = _case(_lin.SMALL_ROWS_MAX + 7, 40, 12, "silu", True, seed=7, rope_d=4)
-    _check(npr.ops.linear_fused(x, w, b, **kw), x, w, b, kw)
+    xg = x.clone().requires_grad_()
+    y = npr.ops.linear_fused(xg, w, b, **kw)
+    _check(y.detach(), x, w, b, kw)
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
     # bf16 activations: the separate ops in bf16.
     # Compared with the fp32 reference on the same bf16-rounded inputs: four bf16 roundings
     # (norm output, GEMM output, + bias, + residual) of half an ulp (2^-9) each, relative to the

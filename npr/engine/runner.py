@@ -63,6 +63,9 @@ class ModelRunner:
         tree = ops.attention.plan_from_parts(parts[5:], self.block_size, plan.max_item_parts,
                                              plan.row_lens, plan.kv_tokens_read)
         attn = PagedTreeAttention(self.k_caches, self.v_caches, plan.slots.to(self.device), tree)
+        # The scheduler emits logits indices ascending (each sampled row's last token): as many
+        # as tokens means every token, and the model skips the gather.
+        keep = None if plan.sizes[2] == plan.sizes[0] else logits_indices.long()
         logits = self.model.forward_flat(input_ids.long(), positions.long(), attn,
-                                         logits_indices=logits_indices.long())
+                                         logits_indices=keep)
         return logits.float()

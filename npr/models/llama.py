@@ -34,6 +34,8 @@ from npr.models.attention import FlatAttention, check_mask, sdpa
 from npr.models.config import ModelConfig
 from npr.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from npr.ops.layout_attention import LayoutAttentionPlan, layout_attention
+from npr.ops.linear import SMALL_ROWS_MAX
+from npr.ops.threads import follow_torch_threads
 
 # Attention inside one layer: (q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -64,6 +66,17 @@ def _decode_rows(packed_dtype: torch.dtype | None, x: torch.Tensor) -> bool:
     records gradients (training through the engine's model) reads the parameters themselves:
     the packed copies are detached and the fused kernels have no backward."""
     return (packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]
+            and not torch.is_grad_enabled())
+
+
+def _fused(packed_dtype: torch.dtype | None, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a forward takes the fused ops (npr.ops.linear_fused: norms, SiLU-mul, RoPE and
+    residual adds folded into the linears): the decode path, or any number of rows of fp32
+    activations and weights on CPU without autograd (torch's GEMM inside the op past a few
+    rows; a 64-row step of a small model is dispatch-bound, ~20 ops fewer per layer)."""
+    if _decode_rows(packed_dtype, x):
+        return True
+    return (x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu and w.is_cpu
             and not torch.is_grad_enabled())
 
 
@@ -107,8 +120,8 @@ class LlamaLayer(nn.Module):
         """x: [..., N, H], cos/sin: [..., N, D] -> [..., N, H]; with keep (flat path only, x
         [T, H]): -> [len(keep), H], rows after attention limited to `keep` (the last layer only
         needs the rows that produce logits)."""
-        if _decode_rows(self.packed_dtype, x):
-            return self._forward_decode(x, cos, sin, attend, keep)
+        if _fused(self.packed_dtype, x, self.qkv_weight):
+            return self._forward_fused(x, cos, sin, attend, keep)
         h = ops.rms_norm(x, self.input_norm, self.eps)
         qkv = self._lin(h, "qkv_weight", self.qkv_bias)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
@@ -121,18 +134,22 @@ class LlamaLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = attend(q, k, v)  # [..., N, Hq, D]
         if keep is not None:
-            o, x = o[keep], x[keep]
+            o, x = o.index_select(0, keep), x.index_select(0, keep)
         x = x + self._lin(o.flatten(-2), "o_weight", self.o_bias)
         h = ops.rms_norm(x, self.post_norm, self.eps)
         gate, up = self._lin(h, "gate_up_weight", self.gate_up_bias).chunk(2, dim=-1)
         return x + self._lin(F.silu(gate) * up, "down_weight", self.down_bias)
 
 
-    def _forward_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        attend: Attend, keep: torch.Tensor | None) -> torch.Tensor:
-        """forward() for few rows (decode): packed weights, with the norms, SiLU-mul, RoPE and
-        residual adds folded into the streaming linears (npr.ops.linear_fused)."""
-        def w(name: str) -> ops.PackedWeight:
+    def _forward_fused(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       attend: Attend, keep: torch.Tensor | None) -> torch.Tensor:
+        """forward() without autograd: the norms, SiLU-mul, RoPE and residual adds folded into
+        the linears (npr.ops.linear_fused), which read the packed copies for few rows (decode)."""
+        decode = _decode_rows(self.packed_dtype, x)
+
+        def w(name: str) -> torch.Tensor | ops.PackedWeight:
+            if not decode:
+                return getattr(self, name)
             return packed_copy(self.packed, name, getattr(self, name), self.packed_dtype)
 
         nq, nkv = self.hq * self.d, self.hkv * self.d
@@ -150,7 +167,7 @@ class LlamaLayer(nn.Module):
             k = apply_rope(ops.rms_norm(k, self.k_norm, self.eps), cos, sin)
         o = attend(q, k, v)
         if keep is not None:
-            o, x = o[keep], x[keep]
+            o, x = o.index_select(0, keep), x.index_select(0, keep)
         x = ops.linear_fused(o.flatten(-2), w("o_weight"), self.o_bias, residual=x)
         gu = ops.linear_fused(x, w("gate_up_weight"), self.gate_up_bias, norm_weight=self.post_norm,
                               eps=self.eps)
@@ -255,17 +272,23 @@ class LlamaDecoder(nn.Module):
         x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            attend: Attend = lambda q, k, v, i=i: attn(i, q, k, v)  # noqa: E731
-            x = layer(x, cos, sin, attend, keep=logits_indices if i == last else None)
-        if not self.layers and logits_indices is not None:
-            x = x[logits_indices]
-        return self._logits(x)
+        # linears on torch's GEMM (more rows than the decode kernels take): npr's kernels join
+        # torch's threads (npr.ops.threads)
+        gemm = (x.is_cpu and not _decode_rows(self.packed_dtype, x)
+                and input_ids.numel() > SMALL_ROWS_MAX)
+        with follow_torch_threads(gemm):
+            for i, layer in enumerate(self.layers):
+                attend: Attend = lambda q, k, v, i=i: attn(i, q, k, v)  # noqa: E731
+                x = layer(x, cos, sin, attend, keep=logits_indices if i == last else None)
+            if not self.layers and logits_indices is not None:
+                x = x.index_select(0, logits_indices)
+            return self._logits(x)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.head_weight()
-        if _decode_rows(self.packed_dtype, x):
-            head = packed_copy(self._packed_head, "head", w, self.packed_dtype)
+        if _fused(self.packed_dtype, x, w):
+            head = (packed_copy(self._packed_head, "head", w, self.packed_dtype)
+                    if _decode_rows(self.packed_dtype, x) else w)
             return ops.linear_fused(x, head, norm_weight=self.norm,
                                     eps=self.config.rms_norm_eps).float()
         x = ops.rms_norm(x, self.norm, self.config.rms_norm_eps)

@@ -12,7 +12,10 @@ streams its weights in 15-20 ms (fp32) / 8.5-12 ms (bf16), while each separate s
 2-12 us of dispatch and Python (rms_norm wrapper ~5-8 us, silu*mul ~7-13 us, add ~1.5 us,
 HF-style RoPE of q and k ~45 us); per layer this replaces 2 norms, silu*mul, RoPE and 2 residual
 adds by nothing extra: the step at 1 row got 8-9% faster (fp32) and 16-19% (bf16).
-Falls back to the separate ops where the kernel does not apply (see npr.ops.linear).
+Past SMALL_ROWS_MAX rows a plain fp32 weight goes to torch's GEMM inside the op, the prologue and
+epilogues still fused (a 64-row step of a small model is dispatch-bound: ~5 ops fewer per linear).
+Falls back to the separate ops where the kernel does not apply (see npr.ops.linear) and where
+autograd needs them.
 """
 from __future__ import annotations
 
@@ -54,8 +57,12 @@ def linear_fused(x: torch.Tensor, weight: torch.Tensor | _lin.PackedWeight,
     if packed:
         use = _lin._kernel_ok(x, weight, bias)
     else:
-        use = (weight.dim() == 2 and _lin._kernel_ok(x, weight, bias)
-               and (weight.dtype != torch.float32 or 0 < _lin._rows(x) <= _lin.SMALL_ROWS_MAX))
+        # a plain fp32 weight past SMALL_ROWS_MAX rows: torch's GEMM inside the op
+        use = weight.dim() == 2 and _lin._kernel_ok(x, weight, bias)
+    if use and torch.is_grad_enabled():
+        w = None if packed else weight
+        use = not any(t is not None and t.requires_grad
+                      for t in (x, w, bias, norm_weight, residual))  # the op has no backward
     if use:
         for t in (norm_weight, residual, rope_cos, rope_sin):
             if t is not None and not (t.is_cpu and t.dtype == torch.float32):
