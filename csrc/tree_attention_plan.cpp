@@ -136,8 +136,15 @@ TreeAttentionPlanData plan_tree_attention(const I64& qi, const I64& si, const I6
 
   std::vector<Item> items;
   I64 tok_in_seg, chunk_starts, chunk_ends, qs, rel;
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t e_lo = si[s], e_hi = si[s + 1];
+  for (int64_t s = 0, s_end; s < S; s = s_end + 1) {
+    // A run of consecutive segments that one row alone reads, one after the other in its
+    // path (a plain row's prompt and trunk), is one segment to the items: half the tasks.
+    s_end = s;
+    while (listing[s_end].size() == 1 && s_end + 1 < S && listing[s_end + 1].size() == 1 &&
+           listing[s_end + 1][0].first == listing[s][0].first &&
+           listing[s_end + 1][0].second == listing[s_end][0].second + seg_ntok[s_end])
+      ++s_end;
+    const int64_t e_lo = si[s], e_hi = si[s_end + 1];
     qs.clear();
     rel.clear();
     // queries of the rows listing s: each one's key position minus s's offset in its row

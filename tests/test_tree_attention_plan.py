@@ -68,3 +68,24 @@ def test_both_planners_reject_a_bad_tree_with_the_same_message(change, kw):
     with pytest.raises(ValueError) as got:
         A.plan(**tree, block_size=4, **kw)
     assert str(got.value) == str(ref.value)
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["compiled", "reference"])
+def test_a_rows_private_segments_make_one_item(reference):
+    # Rows 0 and 1 read prompt 0 then trunk 1 / prompt 2 then trunk 3 alone: one item each, over
+    # both segments' entries. Rows 2 and 3 share root 4 (its own item, read once for both), then
+    # their own branches 5 and 6; row 4 reads 7 then 9, not adjacent: two items.
+    bs = 4
+    segs = [[(0, 4), (1, 2)], [(2, 3)], [(3, 4)], [(4, 1)], [(5, 4)], [(6, 2)], [(7, 3)],
+            [(8, 4)], [(9, 4)], [(10, 1)]]
+    rows = [[0, 1], [2, 3], [4, 5], [4, 6], [7, 9]]
+    tree = {"q_indptr": [0, 1, 2, 3, 4, 5],
+            "seg_indptr": [0] + list(torch.tensor([len(s) for s in segs]).cumsum(0).tolist()),
+            "seg_blocks": [b for s in segs for b, _ in s], "seg_fills": [f for s in segs for _, f in s],
+            "row_seg_indptr": [0] + list(torch.tensor([len(r) for r in rows]).cumsum(0).tolist()),
+            "row_segs": [s for r in rows for s in r]}
+    p = A.plan(**tree, block_size=bs, reference=reference)
+    ents = p.tensors()[6].view(-1, 2).tolist()
+    assert sorted(map(tuple, ents)) == sorted([(0, 3), (3, 5), (5, 6), (6, 7), (7, 8), (8, 9),
+                                               (10, 11)])
+    assert p.num_items == 7

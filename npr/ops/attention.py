@@ -196,9 +196,18 @@ def _plan_numpy(qi: np.ndarray, si: np.ndarray, sb: np.ndarray, sf: np.ndarray, 
                         "sharing row's queries")
 
     items: list[tuple[int, int, int, np.ndarray, np.ndarray]] = []  # (cost, e0, e1, q, nvis)
-    for s in range(S):
-        e_lo, e_hi = int(si[s]), int(si[s + 1])
+    s = 0
+    while s < S:
+        # A run of consecutive segments that one row alone reads, one after the other in its
+        # path (a plain row's prompt and trunk), is one segment to the items: half the tasks.
+        s_end = s
+        while (len(listing[s_end]) == 1 and s_end + 1 < S and len(listing[s_end + 1]) == 1
+               and listing[s_end + 1][0][0] == listing[s][0][0]
+               and listing[s_end + 1][0][1] == listing[s_end][0][1] + seg_ntok[s_end]):
+            s_end += 1
+        e_lo, e_hi = int(si[s]), int(si[s_end + 1])
         rows = [(r, o) for r, o in listing[s] if qlen[r] > 0]
+        s = s_end + 1
         if e_lo == e_hi or not rows:
             continue
         tok_in_seg = cum[e_lo:e_hi + 1] - cum[e_lo]  # entry start offsets within s, + end
