@@ -40,6 +40,7 @@ namespace {
 // 11 vs 12.6 ms on 8 flat rows of 8K tokens and 5.0 vs 6.5 ms on one 32K-token row; 32 is
 // 5-8% faster on 512-key rows.
 constexpr int kMaxTile = 32;
+constexpr int kMaxTileKeys = kMaxTile;  // pv_row's tail
 constexpr int kLongTask = 768;
 constexpr float NEG_INF = TA_NEG_INF;
 
@@ -82,6 +83,21 @@ inline void qk_2x4(const float* q0, const float* q1, const float* const* k, int6
   }
 }
 
+// s[0..8) = q . k[0..8) over D (one query x 8 keys: a lone query row, e.g. a decode row of a
+// model without grouped heads, does not pay for a duplicate second row in qk_2x4).
+inline void qk_1x8(const float* q, const float* const* k, int64_t D, float* s) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const __m256 x = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(k[j] + d), a[j]);
+  }
+  _mm256_storeu_ps(s, reduce8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+  for (; d < D; ++d)
+    for (int j = 0; j < 8; ++j) s[j] += q[d] * k[j][d];
+}
+
 // acc[i][0..D) += sum_{j < nj} p[i][j] * v[j][0..D) for MB rows (MB x 16 columns in registers).
 template <int MB>
 inline void pv_block(float* const* acc, const float* const* p, const float* const* v, int nj,
@@ -121,6 +137,40 @@ inline void pv_block(float* const* acc, const float* const* p, const float* cons
       for (int j = 0; j < nj; ++j) s += p[i][j] * v[j][d];
       acc[i][d] = s;
     }
+}
+
+// acc[0..D) += sum_{j < nj} p[j] * v[j][0..D) for one row: 32 columns (4 registers) per pass
+// and even / odd keys in separate accumulators (8 independent FMA chains: pv_block<1> has 2,
+// and a decode row's PV waited on FMA latency).
+inline void pv_row(float* acc, const float* p, const float* const* v, int nj, int64_t D) {
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    __m256 c[4], e[4];
+    for (int r = 0; r < 4; ++r) {
+      c[r] = _mm256_loadu_ps(acc + d + 8 * r);
+      e[r] = _mm256_setzero_ps();
+    }
+    int j = 0;
+    for (; j + 2 <= nj; j += 2) {
+      const __m256 p0 = _mm256_broadcast_ss(p + j), p1 = _mm256_broadcast_ss(p + j + 1);
+      for (int r = 0; r < 4; ++r) {
+        c[r] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v[j] + d + 8 * r), c[r]);
+        e[r] = _mm256_fmadd_ps(p1, _mm256_loadu_ps(v[j + 1] + d + 8 * r), e[r]);
+      }
+    }
+    if (j < nj) {
+      const __m256 p0 = _mm256_broadcast_ss(p + j);
+      for (int r = 0; r < 4; ++r) c[r] = _mm256_fmadd_ps(p0, _mm256_loadu_ps(v[j] + d + 8 * r), c[r]);
+    }
+    for (int r = 0; r < 4; ++r) _mm256_storeu_ps(acc + d + 8 * r, _mm256_add_ps(c[r], e[r]));
+  }
+  if (d < D) {
+    float* a[1] = {acc + d};
+    const float* pr[1] = {p};
+    const float* vs[kMaxTileKeys];
+    for (int j = 0; j < nj; ++j) vs[j] = v[j] + d;
+    pv_block<1>(a, pr, vs, nj, D - d);
+  }
 }
 
 template <typename T>
@@ -232,9 +282,9 @@ void run_task_tiles(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
         tiles.prefetch_share(calls);
       }
     if (m < M) {
-      float dummy[4];
-      for (int j = 0; j < ntp; j += 4) {
-        qk_2x4(Q + m * D, Q + m * D, s.kp + j, D, S + m * KT + j, dummy);
+      for (int j = 0; j < ntp; j += 8) {
+        qk_1x8(Q + m * D, s.kp + j, D, S + m * KT + j);
+        tiles.prefetch_share(calls);
         tiles.prefetch_share(calls);
       }
     }
@@ -295,7 +345,7 @@ void run_task_tiles(const Ctx<T>& c, int64_t w, int64_t kvh, Scratch& s) {
         case 4: pv_block<4>(arow, prow, s.vp, nj, D); break;
         case 3: pv_block<3>(arow, prow, s.vp, nj, D); break;
         case 2: pv_block<2>(arow, prow, s.vp, nj, D); break;
-        default: pv_block<1>(arow, prow, s.vp, nj, D); break;
+        default: pv_row(arow[0], prow[0], s.vp, nj, D); break;
       }
     }
   }
