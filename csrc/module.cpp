@@ -38,6 +38,11 @@ PYBIND11_MODULE(_C, m) {
         "thread a busy neighbour process has descheduled; 'openmp': at::parallel_for (torch's "
         "OpenMP team), for side-by-side measurements.");
   m.def("parallel_backend", &npr::parallel_backend);
+  m.def("set_thread_follows_openmp", &npr::set_thread_follows_openmp, pybind11::arg("on"),
+        "On the calling thread: the decode kernels split work with at::parallel_for (torch's "
+        "OpenMP team) while on, whatever the backend; npr.ops.follow_torch_threads() sets it "
+        "around forwards whose linears run on torch's GEMM.");
+  m.def("thread_follows_openmp", &npr::thread_follows_openmp);
   m.def("set_pool_threads", &npr::set_pool_threads, pybind11::arg("n"),
         "Threads of npr's pool: n > 0 fixes the count, 0 (default) follows torch.get_num_threads().");
   m.def("get_pool_threads", &npr::get_pool_threads);

@@ -194,6 +194,7 @@ Pool& pool() {
 }
 
 std::atomic<bool> g_use_openmp{false};
+thread_local bool t_follows_openmp = false;  // set_thread_follows_openmp
 std::atomic<int64_t> g_pool_threads{0};  // > 0: the pool's thread count instead of torch's
 
 }  // namespace
@@ -215,12 +216,15 @@ int64_t get_pool_threads() {
   return n > 0 ? n : at::get_num_threads();
 }
 
+void set_thread_follows_openmp(bool on) { t_follows_openmp = on; }
+bool thread_follows_openmp() { return t_follows_openmp; }
+
 std::string parallel_backend() { return g_use_openmp.load() ? "openmp" : "npr"; }
 
 void parallel_for(int64_t begin, int64_t end, int64_t grain,
                   const std::function<void(int64_t, int64_t)>& f) {
   if (end <= begin) return;
-  if (g_use_openmp.load(std::memory_order_relaxed)) {
+  if (t_follows_openmp || g_use_openmp.load(std::memory_order_relaxed)) {
     at::parallel_for(begin, end, grain, f);
     return;
   }

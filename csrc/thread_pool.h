@@ -35,6 +35,13 @@ inline constexpr int64_t kItemsPerThread = 4;
 void set_parallel_backend(const std::string& name);
 std::string parallel_backend();
 
+// On this thread, while on: parallel_for runs on at::parallel_for (torch's OpenMP team). For
+// forwards whose linears run on torch's GEMM: its team is spinning hot between the GEMMs, and
+// waking the pool would put a second spinning thread on the cores the team holds (measured on a
+// 2-core VM: the tiny model's 64-row step 15% slower, attention no faster than on 1 thread).
+void set_thread_follows_openmp(bool on);
+bool thread_follows_openmp();
+
 // The pool's thread count: n > 0 fixes it, 0 (the default) follows at::get_num_threads().
 void set_pool_threads(int64_t n);
 int64_t get_pool_threads();

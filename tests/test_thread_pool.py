@@ -134,3 +134,44 @@ def test_pool_threads_and_backend_switches(threads):
         _C.set_pool_threads(0)
         _C.set_parallel_backend("npr")
     assert _C.parallel_backend() == "npr"
+
+
+def test_follow_torch_threads_is_per_thread_and_restored(threads):
+    from npr.ops.threads import follow_torch_threads
+
+    threads(2)
+    seen_elsewhere = []
+    with follow_torch_threads():
+        assert _C.thread_follows_openmp()
+        t = threading.Thread(target=lambda: seen_elsewhere.append(_C.thread_follows_openmp()))
+        t.start()
+        t.join()
+        with follow_torch_threads(False):  # off: leaves the setting as it is
+            assert _C.thread_follows_openmp()
+        seen, used = _C._pool_cover(1000, 3)  # at::parallel_for covers the range the same way
+        assert seen == [1] * 1000 and used <= 2
+    assert seen_elsewhere == [False] and not _C.thread_follows_openmp()
+    with pytest.raises(KeyError), follow_torch_threads():
+        raise KeyError("inside")
+    assert not _C.thread_follows_openmp()
+
+
+@pytest.mark.parametrize("tokens,follows", [(8, False), (64, True)])
+def test_a_forward_on_torch_gemm_runs_the_kernels_on_torch_threads(tokens, follows):
+    # More rows than the decode kernels take: the linears run on torch's GEMM, and npr's kernels
+    # (here: where attention is called) on torch's threads too.
+    from tests.tiny import tiny_model
+
+    model = tiny_model(50)
+    model.pack_weights(torch.float32)
+    seen = []
+
+    def attn(i, q, k, v):
+        seen.append(_C.thread_follows_openmp())
+        return q
+
+    with torch.inference_mode():
+        model.forward_flat(torch.zeros(tokens, dtype=torch.long),
+                           torch.arange(tokens), attn)
+    assert seen and set(seen) == {follows}
+    assert not _C.thread_follows_openmp()
