@@ -23,6 +23,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_ops.h"
 #include "linear_run.h"
 #include "simd.h"
 

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <unordered_set>
 
+#include "cpu_ops.h"
 #include "kv_ops.h"
 
 namespace npr {

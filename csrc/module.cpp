@@ -24,6 +24,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   npr::bind_block_pool(m);
   npr::bind_tree_attention_plan(m);
+  npr::bind_llama_layers(m);
   m.def("cpu_isa", []() { return npr::use_avx512() ? "avx512" : "avx2"; },
         "The vector ISA of the CPU kernels' variants: 'avx512' when the CPU has AVX-512 F/BW/DQ/VL "
         "and NPR_CPU_ISA is not 'avx2' (the AVX-512 variants of tree_attention for >= 16 query "

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_isa.h"
+#include "cpu_ops.h"
 #include "simd.h"
 #include "thread_pool.h"
 #include "tree_attention_check.h"
@@ -514,6 +515,8 @@ void run_all(const at::Tensor& qc, const at::Tensor& k, const at::Tensor& v,
            d.Hq, d.D);
 }
 
+}  // namespace
+
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                               const at::Tensor& v_cache, const at::Tensor& q_indptr,
                               const at::Tensor& seg_indptr, const at::Tensor& seg_blocks,
@@ -547,8 +550,6 @@ at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
   }
   return out;
 }
-
-}  // namespace
 
 std::array<int64_t, 3> tree_attention_task_counts(bool reset) {
   std::array<int64_t, 3> out{};

@@ -19,6 +19,15 @@ class PagedTreeAttention:
         self.slots = slots
         self.plan = plan  # built once per step (in C++, by the scheduler), shared by all layers
 
+    def native_args(self) -> dict[str, Any] | None:
+        """What npr._C.llama_layers needs to run every layer's attention itself (fp32 CPU
+        caches), or None (the model then calls this object per layer)."""
+        if (not self.k_caches or not self.k_caches[0].is_cpu
+                or self.k_caches[0].dtype != torch.float32):
+            return None
+        return {"k_caches": self.k_caches, "v_caches": self.v_caches, "slots": self.slots,
+                "plan": list(self.plan.tensors()), "max_item_parts": self.plan.max_item_parts}
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
         kc, vc = self.k_caches[layer], self.v_caches[layer]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npr import ops
+from npr import _ext, env, ops
 from npr.models.attention import FlatAttention, check_mask, sdpa
 from npr.models.config import ModelConfig
 from npr.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -277,12 +277,47 @@ class LlamaDecoder(nn.Module):
         gemm = (x.is_cpu and not _decode_rows(self.packed_dtype, x)
                 and input_ids.numel() > SMALL_ROWS_MAX)
         with follow_torch_threads(gemm):
+            native = self._native_args(attn, x)
+            if native is not None:  # every layer in one C++ call (csrc/llama_layers.cpp)
+                x = _ext._C.llama_layers(x, cos, sin, **self._layer_tensors(x), **native,
+                                         scale=self.config.head_dim ** -0.5,
+                                         keep=logits_indices)
+                return self._logits(x)
             for i, layer in enumerate(self.layers):
                 attend: Attend = lambda q, k, v, i=i: attn(i, q, k, v)  # noqa: E731
                 x = layer(x, cos, sin, attend, keep=logits_indices if i == last else None)
             if not self.layers and logits_indices is not None:
                 x = x.index_select(0, logits_indices)
             return self._logits(x)
+
+    def _native_args(self, attn: FlatAttention, x: torch.Tensor) -> dict | None:
+        """The paged attention's arguments for npr._C.llama_layers when it applies: the engine's
+        attention on CPU caches, the fused path (fp32 CPU, no autograd), no q/k-norm (Qwen3
+        keeps the per-layer Python path), the extension built, no NPR_FORCE_REF."""
+        native = getattr(attn, "native_args", None)
+        if (native is None or not self.layers or self.config.qk_norm or not _ext.available()
+                or env.force_reference() or x.dtype != torch.float32
+                or not _fused(self.packed_dtype, x, self.head_weight())):
+            return None
+        return native()
+
+    def _layer_tensors(self, x: torch.Tensor) -> dict:
+        """Per layer the four linears (packed decode copies for few rows), their biases and the
+        two norms, with the shapes npr._C.llama_layers takes."""
+        decode = _decode_rows(self.packed_dtype, x)
+        weights, biases, norms = [], [], []
+        for ly in self.layers:
+            for name, bias in zip(LAYER_LINEARS, (ly.qkv_bias, ly.o_bias, ly.gate_up_bias,
+                                                  ly.down_bias)):
+                w = getattr(ly, name)
+                weights.append(packed_copy(ly.packed, name, w, ly.packed_dtype).data
+                               if decode else w)
+                biases.append(None if bias is None else bias.float())
+            norms += [ly.input_norm, ly.post_norm]
+        c = self.config
+        return {"weights": weights, "biases": biases, "norms": norms, "num_heads": c.num_heads,
+                "num_kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
+                "intermediate_size": c.intermediate_size, "eps": c.rms_norm_eps}
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.head_weight()
