@@ -153,8 +153,21 @@ def test_uniforms_are_uniform():
 # ------------------------------------------------------------------ batched sampler vs reference
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def draw_path(request, monkeypatch):
+    """Both draws of sample_batch: npr::sample_rows (CPU fp32) and the tensor ops (GPUs)."""
+    import npr.engine.sampling as sampling
+    from npr import _ext
+
+    if request.param == "torch":
+        monkeypatch.setattr(sampling, "_compiled", lambda x: False)
+    elif not _ext.available():
+        pytest.skip("npr._C is not built")
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_batched_equals_per_row_reference(seed):
+def test_batched_equals_per_row_reference(seed, draw_path):
     rng = random.Random(seed)
     S, V = 48, 61
     params = [random_params(rng) for _ in range(S)]
@@ -176,7 +189,7 @@ def test_batched_equals_per_row_reference(seed):
         assert torch.isfinite(x[t])  # never a token that top-k / top-p dropped
 
 
-def test_greedy_is_argmax_at_temperature_one():
+def test_greedy_is_argmax_at_temperature_one(draw_path):
     g = torch.Generator().manual_seed(4)
     logits = torch.randn(16, 40, generator=g)
     rows = make_rows([npr.SamplingParams(temperature=0, top_k=2, top_p=0.1)] * 16)
@@ -185,7 +198,7 @@ def test_greedy_is_argmax_at_temperature_one():
     assert torch.allclose(lp, torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0])
 
 
-def test_seeded_draws_do_not_depend_on_batch_composition_or_order():
+def test_seeded_draws_do_not_depend_on_batch_composition_or_order(draw_path):
     rng = random.Random(5)
     V = 33
     mine = [npr.SamplingParams(temperature=1.0, seed=11),
@@ -229,7 +242,7 @@ def chi2(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, -1, 1.0), (0.6, -1, 1.0), (1.5, 5, 1.0), (1.0, -1, 0.8), (0.8, 6, 0.9)])
-def test_distribution_by_frequencies(temperature, top_k, top_p):
+def test_distribution_by_frequencies(temperature, top_k, top_p, draw_path):
     logits = torch.tensor([2.0, 1.6, 1.1, 0.7, 0.2, -0.3, -0.9, -1.5, -2.5, 0.9])
     p = npr.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=2024)
     N = 20_000  # one fixed logits vector, N draws: the branch's counters 0..N-1

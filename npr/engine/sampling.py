@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from npr import _ext, env
 from npr.engine.sampling_params import SamplingParams
 
 # ------------------------------------------------------------------ counter-based uniforms
@@ -264,6 +265,45 @@ def sample_batch(logits: torch.Tensor, rows: Rows,
                              f"{None if step_tokens is None else len(step_tokens)} lists")
         x = repetition_penalty_rows(x, pen_rows, step_tokens, rows.penalty[pen_rows])
     greedy = rows.temperature == 0
+    cut = ~greedy & (((rows.top_k > 0) & (rows.top_k < V)) | (rows.top_p < 1.0))
+    if _compiled(x):
+        # One call draws every row (npr::sample_rows); rows with top-k / top-p are cut first, at
+        # their temperature, and then drawn at temperature 1.
+        temp = rows.temperature.astype(np.float64)  # a copy
+        if cut.any():
+            idx = np.flatnonzero(cut)
+            it = torch.from_numpy(idx)
+            t = torch.from_numpy(temp[idx]).float()[:, None]
+            x = x.index_copy(0, it, top_k_top_p(x.index_select(0, it) / t, rows.top_k[idx], rows.top_p[idx]))
+            temp[idx] = 1.0
+        ints = [torch.from_numpy(np.ascontiguousarray(a).astype(np.int64, copy=False))
+                for a in (rows.key.view(np.int64), rows.sample, rows.branch, rows.counter)]
+        return torch.ops.npr.sample_rows(x, torch.from_numpy(temp), *ints)
+    return _draw_reference(x, rows, greedy, cut)
+
+
+if _ext.available():
+
+    @torch.library.register_fake("npr::sample_rows")
+    def _sample_rows_fake(logits: torch.Tensor, temperature: torch.Tensor, key: torch.Tensor,
+                          sample: torch.Tensor, branch: torch.Tensor,
+                          counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = logits.shape[0]
+        return logits.new_empty(S, dtype=torch.long), logits.new_empty(S)
+
+
+def _compiled(x: torch.Tensor) -> bool:
+    """The compiled draw applies: fp32 logits on the CPU, npr._C built, no forced reference."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and _ext.available()
+            and not env.force_reference())
+
+
+def _draw_reference(x: torch.Tensor, rows: Rows, greedy: np.ndarray,
+                    cut: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [S, V] fp32 (after processors and penalty) -> (tokens [S], logprobs [S]) in tensor ops
+    on x's device: the draw on GPUs and the reference npr::sample_rows is tested against."""
+    S, V = x.shape
+    dev = x.device
     if greedy.all():
         # max(dim) returns the first maximal index, as argmax does, in about half its time on CPU
         top, tok = torch.max(x, dim=-1)                                       # [S], [S]
@@ -274,7 +314,6 @@ def sample_batch(logits: torch.Tensor, rows: Rows,
     h = _device_tensor(np.stack([temp, u, greedy.astype(np.float64)], axis=1), dev)  # [S, 3] fp64
     if (temp != 1.0).any():
         x = x / h[:, 0:1].float()
-    cut = ~greedy & (((rows.top_k > 0) & (rows.top_k < V)) | (rows.top_p < 1.0))
     if cut.all():
         x = top_k_top_p(x, rows.top_k, rows.top_p)
     elif cut.any():
