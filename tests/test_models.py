@@ -395,3 +395,21 @@ def test_packed_decode_weights_match_and_follow_in_place_updates(qwen3):
     assert not torch.allclose(want, plain)
     model.pack_weights(torch.bfloat16)
     assert (model.forward_flat(ids, pos, attn) - plain).abs().max() < 0.05 * plain.abs().max()
+
+
+def test_rope_table_rows_equal_rope_cos_sin():
+    from npr.models.rope import RopeTable, rope_cos_sin
+
+    table = RopeTable()
+    inv = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    for pos in (torch.tensor([0, 5, 3, 1023]), torch.tensor([4000, 7, 2500]),  # grows past 1024
+                torch.zeros(0, dtype=torch.long)):
+        for dtype in (torch.float32, torch.bfloat16):
+            cos, sin = table(pos, inv, 1.25, dtype)
+            want_cos, want_sin = rope_cos_sin(pos, inv, 1.25, dtype)
+            assert cos.dtype == dtype and cos.shape == (len(pos), 16)
+            torch.testing.assert_close(cos, want_cos, rtol=0, atol=1e-6)
+            torch.testing.assert_close(sin, want_sin, rtol=0, atol=1e-6)
+    inv.mul_(0.5)  # changed in place (a resumed checkpoint, a GGUF rescale): rebuilt
+    torch.testing.assert_close(table(torch.tensor([9]), inv, 1.0, torch.float32)[0],
+                               rope_cos_sin(torch.tensor([9]), inv, 1.0, torch.float32)[0])

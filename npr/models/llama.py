@@ -32,7 +32,7 @@ from torch import nn
 from npr import _ext, env, ops
 from npr.models.attention import FlatAttention, check_mask, sdpa
 from npr.models.config import ModelConfig
-from npr.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from npr.models.rope import RopeTable, apply_rope, rope_cos_sin, rope_inv_freq
 from npr.ops.layout_attention import LayoutAttentionPlan, layout_attention
 from npr.ops.linear import SMALL_ROWS_MAX
 from npr.ops.threads import follow_torch_threads
@@ -192,6 +192,7 @@ class LlamaDecoder(nn.Module):
         inv_freq, self.rope_scaling = rope_inv_freq(config)
         # fp32 always; non-persistent: recomputed from the config (a GGUF file may rescale it)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self._rope_table = RopeTable()
 
     # --- the engine's view of the model -------------------------------------------------------
     @property
@@ -270,7 +271,9 @@ class LlamaDecoder(nn.Module):
         if logits_indices is not None:
             logits_indices = logits_indices.to(device=input_ids.device, dtype=torch.long)
         x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
+        # on CPU from a table (a GPU would have to read the largest position back to size it)
+        rope = self._rope_table if x.is_cpu else rope_cos_sin
+        cos, sin = rope(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
         last = len(self.layers) - 1
         # linears on torch's GEMM (more rows than the decode kernels take): npr's kernels join
         # torch's threads (npr.ops.threads)

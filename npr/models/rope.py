@@ -87,6 +87,28 @@ def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: fl
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
+class RopeTable:
+    """cos/sin of every position up to a bound, computed once (the engine's steps look rows up
+    instead of recomputing them: 7 tensor ops -> 2 row gathers). Grows by doubling; rebuilt when
+    inv_freq, the scaling, the dtype or the device change."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._cos = self._sin = torch.zeros(0)
+
+    def __call__(self, position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids: [T] int (>= 0) -> cos, sin: [T, head_dim], as rope_cos_sin's rows."""
+        need = int(position_ids.max()) + 1 if position_ids.numel() else 0
+        key = (inv_freq.data_ptr(), inv_freq._version, scaling, dtype, position_ids.device)
+        if key != self._key or need > self._cos.shape[0]:
+            n = max(need, 2 * self._cos.shape[0] if key == self._key else 0, 1024)
+            pos = torch.arange(n, device=position_ids.device)
+            self._cos, self._sin = rope_cos_sin(pos, inv_freq, scaling, dtype)
+            self._key = key
+        return self._cos.index_select(0, position_ids), self._sin.index_select(0, position_ids)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [..., H, D], cos/sin: [..., D] -> [..., H, D] (rotate-half layout)."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
