@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_ops.h"
+#include "gemm_avx512.h"
 #include "linear_run.h"
 #include "simd.h"
 
@@ -88,7 +89,20 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
   TORCH_CHECK(!silu_mul || Kx % 2 == 0, op, ": silu_mul needs x = [..., 2K] (gate | up), got ",
               x.sizes());
   const int64_t K = silu_mul ? Kx / 2 : Kx;
-  check_weight(op, weight, K, n);
+  // [ceil(N/32), K, 32]: panels of the AVX-512 many-row GEMM (npr.ops.pack_gemm_weight)
+  const bool panels = weight.dim() == 3;
+  if (panels) {
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
+                    weight.size(1) == K && weight.size(2) == gemm_kernel::kPanel && n >= 0 &&
+                    weight.size(0) == (n + gemm_kernel::kPanel - 1) / gemm_kernel::kPanel,
+                op, ": GEMM panels must be float32 CPU [ceil(N/32), K, 32] ",
+                "(npr.ops.pack_gemm_weight) with K = ", K, " and N = ", n, "; got ",
+                weight.scalar_type(), " ", weight.sizes());
+    TORCH_CHECK(use_avx512(), op, ": weight packed in GEMM panels needs a CPU with AVX-512 "
+                "(npr._C.cpu_isa() is not 'avx512'); pass the plain weight");
+  } else {
+    check_weight(op, weight, K, n);
+  }
   at::Tensor nw;
   if (norm_weight.has_value()) {
     TORCH_CHECK(norm_weight->scalar_type() == at::kFloat && norm_weight->dim() == 1 &&
@@ -140,7 +154,7 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
   } else {
     // Past kGemmRowsMin rows of a plain fp32 weight torch's GEMM (MKL) beats the streaming
     // kernel; the prologue and epilogues stay fused here (one op instead of ~5 small ones).
-    const bool gemm = wc.dim() == 2 && wc.scalar_type() == at::kFloat && M > kGemmRowsMin;
+    const bool gemm = panels || (wc.dim() == 2 && wc.scalar_type() == at::kFloat && M > kGemmRowsMin);
     const bool prologue = silu_mul || nw.defined();
     // x' [M, ldx]: for the streaming kernels zero-padded to a multiple of 8 (what a packed
     // weight needs); a GEMM without prologue reads x itself.
@@ -164,7 +178,10 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
         }
       });
     }
-    if (gemm) {
+    if (panels) {
+      gemm_kernel::gemm_panels(xs.const_data_ptr<float>(), K, M, K, wc.const_data_ptr<float>(), n,
+                               bc.defined() ? bc.const_data_ptr<float>() : nullptr, yp, n);
+    } else if (gemm) {
       at::Tensor y2 = y.view({M, n});
       if (bc.defined())
         at::addmm_out(y2, bc, xs, wc.t());

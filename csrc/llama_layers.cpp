@@ -24,7 +24,8 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 
 // x: [T, H] fp32; cos, sin: [T, D] fp32; per layer l: weights[4l..4l+4) = qkv [(Hq+2Hkv)D, H],
-// o [H, Hq D], gate_up [2I, H], down [H, I] (plain fp32 or packed: npr.ops.pack_linear_weight),
+// o [H, Hq D], gate_up [2I, H], down [H, I] (plain fp32, packed: npr.ops.pack_linear_weight, or
+// GEMM panels: npr.ops.pack_gemm_weight),
 // biases likewise (None = none), norms[2l], norms[2l+1] = input / post-attention norm [H];
 // k_caches[l], v_caches[l]: [NB, Hkv, BS, D] fp32; slots: [T] int64; plan: the 12 tensors of a
 // TreeAttentionPlan (shared by all layers); keep: rows kept after the last layer's attention

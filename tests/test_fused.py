@@ -223,3 +223,59 @@ def test_fallbacks_match_reference(monkeypatch):
     npr.env.reload()
     x, w, b, kw = _case(3, 24, 9, "norm", True, seed=9)
     _check(npr.ops.linear_fused(x, npr.ops.pack_linear_weight(w), b, **kw), x, w, b, kw)
+
+
+# ------------------------------------------------------------------ GEMM panels (AVX-512)
+panels_here = pytest.mark.skipif(not _lin.gemm_panels_available(),
+                                 reason="the GEMM-panel kernel needs AVX-512")
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 3), (31, 8), (32, 17), (33, 64), (100, 1536)])
+def test_gemm_panels_pack_round_trip(n, k):
+    w = torch.randn(n, k)
+    p = npr.ops.pack_gemm_weight(w)
+    assert p.data.shape == (-(-n // 32), k, 32) and p.shape == (n, k)
+    assert torch.equal(p.unpack(), w)
+    assert torch.equal(p.data[..., :].transpose(1, 2).reshape(-1, k)[n:], torch.zeros(p.data.shape[0] * 32 - n, k))
+    with pytest.raises(ValueError, match="float32"):
+        npr.ops.pack_gemm_weight(w.to(torch.bfloat16))
+
+
+@panels_here
+@pytest.mark.parametrize("prologue", PROLOGUES)
+def test_gemm_panels_match_reference(prologue):
+    # Every row count through the register blocks (12 rows) and their tails, outputs through the
+    # 32-wide panels and their masked tails, with bias, norm / SiLU prologues, RoPE and residual.
+    for m in (1, 2, 5, 11, 12, 13, 24, 33, 64, 67):
+        for k, n in [(1, 1), (7, 12), (40, 33), (96, 288), (576, 320), (300, 64)]:
+            for rope_d, residual in ((0, False), (4, True)):
+                x, w, b, kw = _case(m, k, n, prologue, residual, seed=m * 7 + k + n + rope_d,
+                                    rope_d=rope_d)
+                p = npr.ops.pack_gemm_weight(w)
+                _check(npr.ops.linear_fused(x, p, b, **kw), x, w, b, kw)
+                _check(npr.ops.linear_fused(x, p, None, **kw), x, w, torch.zeros(n), kw)
+    x = torch.randn(3, 9, 40)  # leading dims, and npr.ops.linear on panels
+    w = torch.randn(70, 40)
+    torch.testing.assert_close(npr.ops.linear(x, npr.ops.pack_gemm_weight(w)), x @ w.t(),
+                               rtol=1e-5, atol=1e-4)
+
+
+@panels_here
+def test_gemm_panels_opcheck_and_bad_shapes():
+    x, w, b, kw = _case(40, 19, 45, "norm", True, seed=5, rope_d=4)
+    p = npr.ops.pack_gemm_weight(w).data
+    torch.library.opcheck(torch.ops.npr.linear_fused.default,
+                          (x, p, 45, b, kw["norm_weight"], 1e-5, False, kw["residual"],
+                           kw["rope_cos"], kw["rope_sin"], kw["rope_heads"]))
+    for bad, n in ((p[:1], 45), (p, 80), (p[:, :10], 45), (p.double(), 45)):
+        with pytest.raises(RuntimeError, match="GEMM panels"):
+            torch.ops.npr.linear_fused(x, bad, n, None, None, 1e-5, False, None)
+
+
+def test_gemm_panels_without_the_kernel_fall_back(monkeypatch):
+    # No AVX-512 (or NPR_FORCE_REF): the wrappers unpack and compute the same thing.
+    monkeypatch.setattr(_lin, "gemm_panels_available", lambda: False)
+    x, w, b, kw = _case(40, 24, 33, "silu", True, seed=9, rope_d=4)
+    _check(npr.ops.linear_fused(x, npr.ops.pack_gemm_weight(w), b, **kw), x, w, b, kw)
+    torch.testing.assert_close(npr.ops.linear(x[:, :24], npr.ops.pack_gemm_weight(w)),
+                               x[:, :24] @ w.t(), rtol=1e-5, atol=1e-4)

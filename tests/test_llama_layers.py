@@ -94,3 +94,39 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match=r"x must be fp32 \[T, H\]"):
         f(x.double(), cs, cs, **kw)
     assert torch.equal(f(x, cs, cs, **kw), x)  # no layers: x itself
+
+
+def test_gemm_panels_through_the_engine(monkeypatch):
+    """40 rows on an AVX-512 CPU read GEMM-panel copies of the weights: the same tokens and
+    log-probs as the weights themselves through torch's GEMM (decode_weights="plain"), and the
+    copies are re-made after an in-place weight change (a trainer's optimizer step)."""
+    import importlib
+
+    lin = importlib.import_module("npr.ops.linear")
+    if not lin.gemm_panels_available():
+        pytest.skip("the GEMM-panel kernel needs AVX-512")
+    tok = tiny_tokenizer()
+    model = _model(len(tok), heads=4, kv_heads=2, bias=True, seed=3)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 40, (5,), generator=g).tolist() for _ in range(40)]
+    sp = npr.SamplingParams(temperature=0, parallel="off", max_new_tokens=10)
+
+    def run(decode_weights: str) -> list:
+        eng = npr.Engine(model, tok, block_size=4, kv_cache_tokens=4096, max_rows=64,
+                         decode_weights=decode_weights)
+        outs = eng.generate(input_ids=prompts, sampling_params=sp)
+        return [(o.outputs[0].token_ids, torch.tensor(o.outputs[0].logprobs)) for o in outs]
+
+    packs = []
+    real = npr.ops.pack_gemm_weight
+    monkeypatch.setattr(npr.ops, "pack_gemm_weight", lambda w: packs.append(1) or real(w))
+    for _ in range(2):
+        got, want = run("auto"), run("plain")
+        assert packs, "no GEMM-panel copy was made"
+        for (t1, lp1), (t2, lp2) in zip(got, want):
+            assert t1 == t2
+            torch.testing.assert_close(lp1, lp2, rtol=0, atol=2e-5)
+        packs.clear()
+        with torch.no_grad():  # in place, as an optimizer step: the copies must follow
+            model.layers[0].gate_up_weight.mul_(1.5)
+            model.head_weight().mul_(0.7)

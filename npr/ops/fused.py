@@ -42,20 +42,21 @@ if _ext.available():
         return x.new_empty((*x.shape[:-1], n))
 
 
-def linear_fused(x: torch.Tensor, weight: torch.Tensor | _lin.PackedWeight,
+def linear_fused(x: torch.Tensor, weight: torch.Tensor | _lin.PackedWeight | _lin.GemmPanels,
                  bias: torch.Tensor | None = None, *, norm_weight: torch.Tensor | None = None,
                  eps: float = 1e-6, silu_mul: bool = False,
                  residual: torch.Tensor | None = None, rope_cos: torch.Tensor | None = None,
                  rope_sin: torch.Tensor | None = None, rope_heads: int = 0) -> torch.Tensor:
-    """x: [..., K] ([..., 2K] = gate | up with silu_mul), weight: [N, K] tensor or
-    PackedWeight, bias: [N] | None, norm_weight: [K] | None, rope_cos / rope_sin: [..., D] | None
+    """x: [..., K] ([..., 2K] = gate | up with silu_mul), weight: [N, K] tensor, PackedWeight or
+    GemmPanels, bias: [N] | None, norm_weight: [K] | None, rope_cos / rope_sin: [..., D] | None
     (per row, HF rotate_half layout; rotates output heads [0, rope_heads) of size D),
     residual: [..., N] | None -> [..., N] (fp32 for fp32 x)."""
     if silu_mul and norm_weight is not None:
         raise ValueError("linear_fused: norm_weight and silu_mul are exclusive")
-    packed = isinstance(weight, _lin.PackedWeight)
+    packed = isinstance(weight, (_lin.PackedWeight, _lin.GemmPanels))
     if packed:
-        use = _lin._kernel_ok(x, weight, bias)
+        use = _lin._kernel_ok(x, weight, bias) and (
+            not isinstance(weight, _lin.GemmPanels) or _lin.gemm_panels_available())
     else:
         # a plain fp32 weight past SMALL_ROWS_MAX rows: torch's GEMM inside the op
         use = weight.dim() == 2 and _lin._kernel_ok(x, weight, bias)

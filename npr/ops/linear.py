@@ -79,6 +79,55 @@ class PackedWeight:
         return ref.unpack_weight(self.data, self.out_features, self.in_features)
 
 
+@dataclass
+class GemmPanels:
+    """A linear weight [N, K] laid out for npr::linear_fused's many-row GEMM on AVX-512 CPUs.
+
+    data: [ceil(N/32), K, 32] fp32, zero-padded: panel p holds outputs 32p..32p+31 with the 32
+    weights of each input k side by side, so the kernel's register block (rows x 32 outputs)
+    loads two vectors per k and no call re-packs the weight (as a plain GEMM does every call).
+    """
+
+    data: torch.Tensor
+    out_features: int  # N
+    in_features: int  # K
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.data.is_cpu
+
+    def unpack(self) -> torch.Tensor:
+        """-> [N, K]."""
+        return ref.unpack_gemm_panels(self.data, self.out_features)
+
+
+def gemm_panels_available() -> bool:
+    """The many-row GEMM on panels runs here: npr._C built, the CPU has AVX-512 (and
+    NPR_CPU_ISA does not force AVX2), no NPR_FORCE_REF."""
+    return _HAVE_EXT and _ext._C.cpu_isa() == "avx512" and not env.force_reference()
+
+
+def pack_gemm_weight(weight: torch.Tensor) -> GemmPanels:
+    """weight: [N, K] fp32 -> GemmPanels (a copy of the weight)."""
+    if weight.dim() != 2 or weight.dtype != torch.float32:
+        raise ValueError(f"pack_gemm_weight: weight must be a float32 [N, K], got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    return GemmPanels(ref.pack_gemm_panels(weight.detach()), n, k)
+
+
 def pack_linear_weight(weight: torch.Tensor, dtype: torch.dtype | None = None) -> PackedWeight:
     """weight: [N, K] -> PackedWeight stored as dtype (default weight.dtype; fp32, bf16 or fp16).
 
@@ -101,10 +150,10 @@ def _rows(x: torch.Tensor) -> int:
 
 # The checks below run on every decode-step linear (~120 per SmolLM2 step): cheap tests first
 # (tensor.is_cpu is ~5x cheaper than tensor.device.type); the env knob (~1 us to read) last.
-def _kernel_ok(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
+def _kernel_ok(x: torch.Tensor, weight: torch.Tensor | PackedWeight | GemmPanels,
                bias: torch.Tensor | None) -> bool:
     """x fp32 on CPU, weight storage the kernels read, the extension built, no NPR_FORCE_REF."""
-    wd = weight.data if isinstance(weight, PackedWeight) else weight
+    wd = weight.data if isinstance(weight, (PackedWeight, GemmPanels)) else weight
     return (x.dtype == torch.float32 and x.is_cpu and wd.is_cpu and x.dim() >= 1
             and wd.dtype in _KERNEL_WEIGHT_DTYPES and (bias is None or bias.is_cpu)
             and _HAVE_EXT and not env.force_reference())
@@ -117,13 +166,19 @@ def _use_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return weight.dtype != torch.float32 or 0 < _rows(x) <= SMALL_ROWS_MAX
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight,
+def linear(x: torch.Tensor, weight: torch.Tensor | PackedWeight | GemmPanels,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K], weight: [N, K] tensor or PackedWeight, bias: [N] or None -> [..., N].
+    """x: [..., K], weight: [N, K] tensor, PackedWeight or GemmPanels, bias: [N] or None ->
+    [..., N].
 
     For fp32 x the result is fp32 whatever the weight storage; for other x dtypes the weight and
     bias are cast to x.dtype (torch semantics).
     """
+    if isinstance(weight, GemmPanels):
+        if _kernel_ok(x, weight, bias) and gemm_panels_available():
+            return torch.ops.npr.linear_fused(x, weight.data, weight.out_features, _f32(bias),
+                                              None, 1e-6, False, None)
+        weight = weight.unpack()
     if isinstance(weight, PackedWeight):
         if _kernel_ok(x, weight, bias):
             return torch.ops.npr.linear_packed(x, weight.data, weight.out_features, _f32(bias))

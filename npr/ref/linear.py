@@ -34,6 +34,24 @@ def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return w[:n, :k].contiguous()
 
 
+GEMM_PANEL = 32  # outputs per panel of the many-row GEMM's weight layout
+
+
+def pack_gemm_panels(weight: torch.Tensor) -> torch.Tensor:
+    """weight: [N, K] -> [ceil(N/32), K, 32], zero-padded past N: panel p, row k holds the
+    weights k of outputs 32p..32p+31 (the layout npr::linear_fused's AVX-512 GEMM reads)."""
+    n, k = weight.shape
+    n_pad = -(-n // GEMM_PANEL) * GEMM_PANEL
+    w = torch.zeros(n_pad, k, dtype=weight.dtype, device=weight.device)
+    w[:n] = weight
+    return w.view(n_pad // GEMM_PANEL, GEMM_PANEL, k).transpose(1, 2).contiguous()
+
+
+def unpack_gemm_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """panels: [ceil(N/32), K, 32] -> weight [N, K] (inverse of pack_gemm_panels)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:n].contiguous()
+
+
 def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K], packed: pack_weight([N, K]), bias: [N] or None -> [..., N] in x.dtype."""

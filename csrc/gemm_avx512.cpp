@@ -1,0 +1,36 @@
+// npr::gemm_kernel::gemm_panels: the many-row GEMM of gemm_kernel.h, threads over panels. Built
+// for AVX-512: the system headers come first, then the target pragma, then gemm_kernel.h, so its
+// AVX-512 code and nothing else gets the target; callers check npr::use_avx512() first.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "gemm_avx512.h"
+#include "thread_pool.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl")
+
+#include "gemm_kernel.h"
+
+namespace npr::gemm_kernel {
+
+void gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t N,
+                 const float* bias, float* y, int64_t ldy) {
+  const int64_t np = (N + kPanel - 1) / kPanel;
+  // a task of at least ~64 KiB of panels (a thread wake-up costs a few microseconds)
+  const int64_t grain = std::max<int64_t>(1, (int64_t(64) << 10) / std::max<int64_t>(1, K * kPanel * 4));
+  npr::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel;
+      const int nvalid = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
+      panel_rows(x, ldx, M, K, w + p * K * kPanel, bias ? bias + n0 : nullptr, y + n0, ldy, nvalid,
+                 p + 1 < np ? w + (p + 1) * K * kPanel : nullptr);
+    }
+  });
+}
+
+}  // namespace npr::gemm_kernel
+
+#pragma GCC pop_options
