@@ -21,14 +21,21 @@ void gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float*
   const int64_t np = (N + kPanel - 1) / kPanel;
   // a task of at least ~64 KiB of panels (a thread wake-up costs a few microseconds)
   const int64_t grain = std::max<int64_t>(1, (int64_t(64) << 10) / std::max<int64_t>(1, K * kPanel * 4));
-  npr::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * kPanel;
-      const int nvalid = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
-      panel_rows(x, ldx, M, K, w + p * K * kPanel, bias ? bias + n0 : nullptr, y + n0, ldy, nvalid,
-                 p + 1 < np ? w + (p + 1) * K * kPanel : nullptr);
-    }
-  });
+  // Rows in chunks whose x stays in L2 (~512 KiB) while every panel passes over it: at 2048 rows
+  // x read from L3 for each panel made the kernel 10-20% slower than MKL (prefill).
+  const int64_t chunk = std::max<int64_t>(
+      kMaxRows, (int64_t(512) << 10) / std::max<int64_t>(1, K * 4) / kMaxRows * kMaxRows);
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t mc = std::min(chunk, M - m0);
+    npr::parallel_for(0, np, grain, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * kPanel;
+        const int nvalid = static_cast<int>(std::min<int64_t>(kPanel, N - n0));
+        panel_rows(x + m0 * ldx, ldx, mc, K, w + p * K * kPanel, bias ? bias + n0 : nullptr,
+                   y + m0 * ldy + n0, ldy, nvalid, p + 1 < np ? w + (p + 1) * K * kPanel : nullptr);
+      }
+    });
+  }
 }
 
 }  // namespace npr::gemm_kernel

@@ -45,6 +45,10 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Up to this many rows a linear reads the packed decode copy (npr::linear_packed); more rows
 # (prefill) take the plain weight and torch's GEMM.
 PACKED_ROWS_MAX = 32
+# Up to this many rows (and past PACKED_ROWS_MAX) the GEMM-panel copy (npr.ops.GemmPanels); more
+# rows (a prefill) take torch's GEMM: measured 2-vCPU Xeon, 2 threads, SmolLM2's shapes: panels
+# 12-17% faster at 128 rows, 5-12% slower at 512-2048 (MKL's own blocking wins there).
+PANEL_ROWS_MAX = 256
 LAYER_LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
 
@@ -74,11 +78,13 @@ def panel_copy(cache: dict[str, tuple[ops.GemmPanels, tuple]], name: str,
 
 
 def _panel_rows(packed_dtype: torch.dtype | None, x: torch.Tensor, w: torch.Tensor) -> bool:
-    """More rows than the decode path, the engine's weight copies on (packed_dtype set), fp32 on
-    an AVX-512 CPU, no autograd: the linears read GEMM-panel copies (npr.ops.GemmPanels; at 33-64
-    rows of SmolLM2's shapes 18-40% faster than torch's GEMM, which re-packs every call)."""
+    """More rows than the decode path, up to PANEL_ROWS_MAX, the engine's weight copies on
+    (packed_dtype set), fp32 on an AVX-512 CPU, no autograd: the linears read GEMM-panel copies
+    (npr.ops.GemmPanels; at 33-64 rows of SmolLM2's shapes 18-40% faster than torch's GEMM,
+    which re-packs the weight every call)."""
     return (packed_dtype is not None and not _decode_rows(packed_dtype, x)
-            and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu and w.is_cpu
+            and x.numel() <= PANEL_ROWS_MAX * x.shape[-1] and x.dtype == torch.float32
+            and w.dtype == torch.float32 and x.is_cpu and w.is_cpu
             and not torch.is_grad_enabled() and gemm_panels_available())
 
 
