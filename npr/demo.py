@@ -206,43 +206,38 @@ class Demo:
         probs = tasks.eval_set(task, c.eval_problems, seed=c.seed + 1)
         tasks.write_jsonl(os.path.join(self.dirs["eval"], "eval_set.jsonl"), probs, task)
         items = [ev.EvalItem(tasks.prompt_text(p.text), p.answer, p.text) for p in probs]
-        results: dict[str, ev.EvalResult] = {}
         t0 = time.perf_counter()
-        for row in ROWS:
-            path = models[row]
-            cache = os.path.join(self.dirs["eval"], f"{row}.json")
+
+        def cached(row: str, suffix: str, k: int, run: Callable[[], Any]) -> Any:
+            """The row's result from eval/{row}{suffix}.json when it is of this model and k,
+            else run() (and saved there): a rerun of the demo skips what it has."""
+            cache = os.path.join(self.dirs["eval"], f"{row}{suffix}.json")
             if os.path.isfile(cache):
                 with open(cache) as f:
                     d = json.load(f)
-                if d.get("model") == path and d.get("k") == c.eval_k:
-                    results[row] = _result(d)
-                    continue
-            r = ev.evaluate(path, items, k=c.eval_k, temperature=c.eval_temperature,
-                            max_new_tokens=c.max_new_tokens, seed=c.seed, checker="exact",
-                            repeats=c.eval_repeats, name=path, data=task.spec,
-                            parallel="off" if row == "SR" else None)
+                if d.get("model") == models[row] and d.get("k") == k:
+                    return _result(d)
+            r = run()
             with open(cache, "w") as f:
                 json.dump(r.to_dict(), f, indent=2)
-            results[row] = r
+            return r
+
+        def mode(row: str) -> str | None:
+            return "off" if row == "SR" else None
+
+        results = {row: cached(row, "", c.eval_k, lambda row=row: ev.evaluate(
+            models[row], items, k=c.eval_k, temperature=c.eval_temperature,
+            max_new_tokens=c.max_new_tokens, seed=c.seed, checker="exact",
+            repeats=c.eval_repeats, name=models[row], data=task.spec, parallel=mode(row)))
+            for row in ROWS}
         # Latency: the set again, one problem at a time (what parallel decoding shortens is a
         # request's wall time; the table's speed columns decode the whole set at once, where a
         # CPU step's cost grows with its rows and parallel decoding gains less).
-        latency: dict[str, ev.EvalResult] = {}
-        for row in LATENCY_ROWS:
-            path = models[row]
-            cache = os.path.join(self.dirs["eval"], f"{row}.latency.json")
-            if os.path.isfile(cache):
-                with open(cache) as f:
-                    d = json.load(f)
-                if d.get("model") == path:
-                    latency[row] = _result(d)
-                    continue
-            r = ev.evaluate(path, items, k=1, temperature=0.0, max_new_tokens=c.max_new_tokens,
-                            seed=c.seed, checker="exact", repeats=c.eval_repeats, batch=1,
-                            name=path, data=task.spec, parallel="off" if row == "SR" else None)
-            with open(cache, "w") as f:
-                json.dump(r.to_dict(), f, indent=2)
-            latency[row] = r
+        latency = {row: cached(row, ".latency", 1, lambda row=row: ev.evaluate(
+            models[row], items, k=1, temperature=0.0, max_new_tokens=c.max_new_tokens,
+            seed=c.seed, checker="exact", repeats=c.eval_repeats, batch=1, name=models[row],
+            data=task.spec, parallel=mode(row)))
+            for row in LATENCY_ROWS}
         self.times["eval"] = time.perf_counter() - t0
         branches = self._branch_speedups(models["NPR"])
         self.log(f"[eval]          {len(ROWS)} models x {len(items)} problems "

@@ -52,29 +52,29 @@ PANEL_ROWS_MAX = 256
 LAYER_LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
 
-def packed_copy(cache: dict[str, tuple[ops.PackedWeight, tuple]], name: str, w: torch.Tensor,
-                dtype: torch.dtype) -> ops.PackedWeight:
-    """The packed copy of w, re-packed when w was replaced or changed in place since (an
-    optimizer step, a weight push, a resize): tensors count their in-place writes in _version."""
+def _copy_of(cache: dict[str, tuple], name: str, w: torch.Tensor, make: Callable) -> object:
+    """cache[name]'s copy of w (make(w)), re-made when w was replaced or changed in place since
+    (an optimizer step, a weight push, a resize): tensors count their in-place writes in
+    _version."""
     key = (w.data_ptr(), w._version, tuple(w.shape))
     hit = cache.get(name)
     if hit is None or hit[1] != key:
         with torch.no_grad():
-            hit = (ops.pack_linear_weight(w.detach(), dtype=dtype), key)
+            hit = (make(w.detach()), key)
         cache[name] = hit
     return hit[0]
+
+
+def packed_copy(cache: dict[str, tuple[ops.PackedWeight, tuple]], name: str, w: torch.Tensor,
+                dtype: torch.dtype) -> ops.PackedWeight:
+    """The packed decode copy of w (npr.ops.pack_linear_weight as dtype)."""
+    return _copy_of(cache, name, w, lambda t: ops.pack_linear_weight(t, dtype=dtype))
 
 
 def panel_copy(cache: dict[str, tuple[ops.GemmPanels, tuple]], name: str,
                w: torch.Tensor) -> ops.GemmPanels:
-    """The GEMM-panel copy of w (npr.ops.pack_gemm_weight), re-made as packed_copy's are."""
-    key = (w.data_ptr(), w._version, tuple(w.shape))
-    hit = cache.get(name)
-    if hit is None or hit[1] != key:
-        with torch.no_grad():
-            hit = (ops.pack_gemm_weight(w.detach()), key)
-        cache[name] = hit
-    return hit[0]
+    """The GEMM-panel copy of w (npr.ops.pack_gemm_weight)."""
+    return _copy_of(cache, name, w, lambda t: ops.pack_gemm_weight(t))
 
 
 def _panel_rows(packed_dtype: torch.dtype | None, x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -46,7 +46,32 @@ if _ext.available():
 
 
 @dataclass(frozen=True)
-class PackedWeight:
+class _WeightLayout:
+    """A linear weight [N, K] stored in a kernel's layout (data); reads like a [N, K] tensor."""
+
+    data: torch.Tensor
+    out_features: int  # N
+    in_features: int  # K
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.data.is_cpu
+
+
+@dataclass(frozen=True)
+class PackedWeight(_WeightLayout):
     """A linear weight [N, K] repacked for npr::linear_packed.
 
     data: [ceil(N/3), ceil(K/8), 3, 8] in the storage dtype (fp32 / bf16 / fp16), zero-padded:
@@ -54,59 +79,19 @@ class PackedWeight:
     sequential stream and feeds 3 outputs from each x load.
     """
 
-    data: torch.Tensor
-    out_features: int  # N
-    in_features: int  # K
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.data.is_cpu
-
     def unpack(self) -> torch.Tensor:
         """-> [N, K] in the storage dtype."""
         return ref.unpack_weight(self.data, self.out_features, self.in_features)
 
 
-@dataclass
-class GemmPanels:
+@dataclass(frozen=True)
+class GemmPanels(_WeightLayout):
     """A linear weight [N, K] laid out for npr::linear_fused's many-row GEMM on AVX-512 CPUs.
 
     data: [ceil(N/32), K, 32] fp32, zero-padded: panel p holds outputs 32p..32p+31 with the 32
     weights of each input k side by side, so the kernel's register block (rows x 32 outputs)
     loads two vectors per k and no call re-packs the weight (as a plain GEMM does every call).
     """
-
-    data: torch.Tensor
-    out_features: int  # N
-    in_features: int  # K
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.data.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def is_cpu(self) -> bool:
-        return self.data.is_cpu
 
     def unpack(self) -> torch.Tensor:
         """-> [N, K]."""
