@@ -93,8 +93,8 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
   const bool panels = weight.dim() == 3;
   if (panels) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
-                    weight.size(1) == K && weight.size(2) == gemm_kernel::kPanel && n >= 0 &&
-                    weight.size(0) == (n + gemm_kernel::kPanel - 1) / gemm_kernel::kPanel,
+                    weight.size(1) == K && weight.size(2) == gemm_avx512::kPanel && n >= 0 &&
+                    weight.size(0) == (n + gemm_avx512::kPanel - 1) / gemm_avx512::kPanel,
                 op, ": GEMM panels must be float32 CPU [ceil(N/32), K, 32] ",
                 "(npr.ops.pack_gemm_weight) with K = ", K, " and N = ", n, "; got ",
                 weight.scalar_type(), " ", weight.sizes());
@@ -179,7 +179,7 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
       });
     }
     if (panels) {
-      gemm_kernel::gemm_panels(xs.const_data_ptr<float>(), K, M, K, wc.const_data_ptr<float>(), n,
+      gemm_avx512::gemm_panels(xs.const_data_ptr<float>(), K, M, K, wc.const_data_ptr<float>(), n,
                                bc.defined() ? bc.const_data_ptr<float>() : nullptr, yp, n);
     } else if (gemm) {
       at::Tensor y2 = y.view({M, n});

@@ -1,4 +1,4 @@
-// npr::gemm_kernel::gemm_panels: the many-row GEMM of gemm_kernel.h, threads over panels. Built
+// npr::gemm_avx512::gemm_panels: the many-row GEMM of gemm_kernel.h, threads over panels. Built
 // for AVX-512: the system headers come first, then the target pragma, then gemm_kernel.h, so its
 // AVX-512 code and nothing else gets the target; callers check npr::use_avx512() first.
 #include <immintrin.h>
@@ -14,7 +14,7 @@
 
 #include "gemm_kernel.h"
 
-namespace npr::gemm_kernel {
+namespace npr::gemm_avx512 {
 
 void gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t N,
                  const float* bias, float* y, int64_t ldy) {
@@ -38,6 +38,6 @@ void gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float*
   }
 }
 
-}  // namespace npr::gemm_kernel
+}  // namespace npr::gemm_avx512
 
 #pragma GCC pop_options

@@ -2,7 +2,7 @@
 #pragma once
 #include <cstdint>
 
-namespace npr::gemm_kernel {
+namespace npr::gemm_avx512 {
 
 inline constexpr int64_t kPanel = 32;  // outputs per panel
 
@@ -11,4 +11,4 @@ inline constexpr int64_t kPanel = 32;  // outputs per panel
 void gemm_panels(const float* x, int64_t ldx, int64_t M, int64_t K, const float* w, int64_t N,
                  const float* bias, float* y, int64_t ldy);
 
-}  // namespace npr::gemm_kernel
+}  // namespace npr::gemm_avx512

@@ -13,7 +13,7 @@
 
 #include "gemm_avx512.h"
 
-namespace npr::gemm_kernel {
+namespace npr::gemm_avx512 {
 
 inline constexpr int kMaxRows = 12;    // rows per register block
 
@@ -85,4 +85,4 @@ inline void panel_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const 
   }
 }
 
-}  // namespace npr::gemm_kernel
+}  // namespace npr::gemm_avx512

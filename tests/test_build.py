@@ -78,7 +78,8 @@ def test_import_without_the_extension_warns_once_and_falls_back():
 
 # Functions allowed to hold AVX-512 instructions: the variants chosen at run time (cpu_isa.h).
 AVX512_VARIANTS = ("npr::linear_kernel::packed_rows_avx512<",
-                   "npr::Wide<npr::(anonymous namespace)::Avx512>::")
+                   "npr::Wide<npr::(anonymous namespace)::Avx512>::",
+                   "npr::gemm_avx512::")  # the GEMM-panel kernel, called after use_avx512()
 _LEGACY_PREFIXES = {"26", "2e", "36", "3e", "64", "65", "66", "67", "f0", "f2", "f3"}
 
 
