@@ -294,6 +294,8 @@ class Engine:
         step_tokens = [list(self.scheduler.step_tokens(int(node[i])))
                        for i in rows.penalty_rows().tolist()]
         tok, lp = sample_batch(logits, rows, step_tokens)
+        if tok.is_cpu:
+            return tok.tolist(), lp.tolist()
         both = torch.stack([tok.double(), lp.double()]).cpu()  # one device-to-host copy
         return both[0].long().tolist(), both[1].float().tolist()
 
