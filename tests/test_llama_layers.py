@@ -96,8 +96,9 @@ def test_bad_arguments_name_the_problem():
     assert torch.equal(f(x, cs, cs, **kw), x)  # no layers: x itself
 
 
-def test_gemm_panels_through_the_engine(monkeypatch):
-    """40 rows on an AVX-512 CPU read GEMM-panel copies of the weights: the same tokens and
+@pytest.mark.parametrize("rows", [12, 40])
+def test_gemm_panels_through_the_engine(rows, monkeypatch):
+    """12 or 40 rows on an AVX-512 CPU read GEMM-panel copies of the weights: the same tokens and
     log-probs as the weights themselves through torch's GEMM (decode_weights="plain"), and the
     copies are re-made after an in-place weight change (a trainer's optimizer step)."""
     import importlib
@@ -108,7 +109,7 @@ def test_gemm_panels_through_the_engine(monkeypatch):
     tok = tiny_tokenizer()
     model = _model(len(tok), heads=4, kv_heads=2, bias=True, seed=3)
     g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(3, 40, (5,), generator=g).tolist() for _ in range(40)]
+    prompts = [torch.randint(3, 40, (5,), generator=g).tolist() for _ in range(rows)]
     sp = npr.SamplingParams(temperature=0, parallel="off", max_new_tokens=10)
 
     def run(decode_weights: str) -> list:

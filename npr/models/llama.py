@@ -45,9 +45,12 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Up to this many rows a linear reads the packed decode copy (npr::linear_packed); more rows
 # (prefill) take the plain weight and torch's GEMM.
 PACKED_ROWS_MAX = 32
-# Up to this many rows (and past PACKED_ROWS_MAX) the GEMM-panel copy (npr.ops.GemmPanels); more
-# rows (a prefill) take torch's GEMM: measured 2-vCPU Xeon, 2 threads, SmolLM2's shapes: panels
-# 12-17% faster at 128 rows, 5-12% slower at 512-2048 (MKL's own blocking wins there).
+# Where the GEMM-panel copies run (AVX-512, fp32 copies), they take over from the decode copies
+# past PANEL_ROWS_MIN rows, up to PANEL_ROWS_MAX; more rows (a prefill) take torch's GEMM.
+# Measured on a 2-vCPU Xeon, 2 threads, SmolLM2's 30 layers + head, cold weights: panels equal
+# to the decode kernel at 8 rows, 25% faster at 16, 45% at 32; 18-40% faster than torch's GEMM
+# at 33-64 rows, 12-17% at 128; 5-12% slower than it at 512-2048 rows (MKL's blocking wins).
+PANEL_ROWS_MIN = 8
 PANEL_ROWS_MAX = 256
 LAYER_LINEARS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
 
@@ -77,23 +80,33 @@ def panel_copy(cache: dict[str, tuple[ops.GemmPanels, tuple]], name: str,
     return _copy_of(cache, name, w, lambda t: ops.pack_gemm_weight(t))
 
 
-def _panel_rows(packed_dtype: torch.dtype | None, x: torch.Tensor, w: torch.Tensor) -> bool:
-    """More rows than the decode path, up to PANEL_ROWS_MAX, the engine's weight copies on
-    (packed_dtype set), fp32 on an AVX-512 CPU, no autograd: the linears read GEMM-panel copies
-    (npr.ops.GemmPanels; at 33-64 rows of SmolLM2's shapes 18-40% faster than torch's GEMM,
-    which re-packs the weight every call)."""
-    return (packed_dtype is not None and not _decode_rows(packed_dtype, x)
-            and x.numel() <= PANEL_ROWS_MAX * x.shape[-1] and x.dtype == torch.float32
-            and w.dtype == torch.float32 and x.is_cpu and w.is_cpu
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _panels_here(packed_dtype: torch.dtype | None, x: torch.Tensor) -> bool:
+    """The engine's weight copies on as fp32, fp32 activations on an AVX-512 CPU, no autograd."""
+    return (packed_dtype == torch.float32 and x.dtype == torch.float32 and x.is_cpu
             and not torch.is_grad_enabled() and gemm_panels_available())
 
 
+def _panel_rows(packed_dtype: torch.dtype | None, x: torch.Tensor, w: torch.Tensor) -> bool:
+    """PANEL_ROWS_MIN < rows <= PANEL_ROWS_MAX where panels run (_panels_here), an fp32 CPU
+    weight: the linears read GEMM-panel copies (npr.ops.GemmPanels; torch's GEMM re-packs the
+    weight every call, the decode kernel streams it for few rows)."""
+    return (PANEL_ROWS_MIN < _rows(x) <= PANEL_ROWS_MAX and w.dtype == torch.float32
+            and w.is_cpu and _panels_here(packed_dtype, x))
+
+
 def _decode_rows(packed_dtype: torch.dtype | None, x: torch.Tensor) -> bool:
-    """Few rows with packed decode copies and no autograd: the decode path. A forward that
-    records gradients (training through the engine's model) reads the parameters themselves:
-    the packed copies are detached and the fused kernels have no backward."""
-    return (packed_dtype is not None and x.numel() <= PACKED_ROWS_MAX * x.shape[-1]
-            and not torch.is_grad_enabled())
+    """Few rows with packed decode copies and no autograd: the decode path (up to
+    PACKED_ROWS_MAX rows; PANEL_ROWS_MIN where GEMM panels run). A forward that records
+    gradients (training through the engine's model) reads the parameters themselves: the
+    packed copies are detached and the fused kernels have no backward."""
+    if packed_dtype is None or torch.is_grad_enabled():
+        return False
+    rows = _rows(x)
+    return rows <= PANEL_ROWS_MIN or (rows <= PACKED_ROWS_MAX and not _panels_here(packed_dtype, x))
 
 
 def _fused(packed_dtype: torch.dtype | None, x: torch.Tensor, w: torch.Tensor) -> bool:
