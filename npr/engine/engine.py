@@ -71,8 +71,8 @@ class Engine:
         """decode_weights (CPU): "auto" lets decode steps read the linear weights from packed
         copies in the streaming kernel's layout (same precision as the model; the model object
         gets these copies), "bf16" / "fp16" store those copies at half the bytes (faster, lower
-        precision), "plain" reads the weights as they are. With copies on, steps of more than 32
-        rows of an fp32 model on an AVX-512 CPU read a second copy laid out for npr's GEMM
+        precision), "plain" reads the weights as they are. With "auto" copies of an fp32 model on
+        an AVX-512 CPU, steps of 9-256 rows read a second copy laid out for npr's GEMM
         (npr.ops.GemmPanels): each copy costs the linears' memory once more, made on first use
         and again after the weights change."""
         C = _ext.require("npr.Engine")
