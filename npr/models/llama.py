@@ -34,7 +34,7 @@ from npr.models.attention import FlatAttention, check_mask, sdpa
 from npr.models.config import ModelConfig
 from npr.models.rope import RopeTable, apply_rope, rope_cos_sin, rope_inv_freq
 from npr.ops.layout_attention import LayoutAttentionPlan, layout_attention
-from npr.ops.linear import SMALL_ROWS_MAX, gemm_panels_available
+from npr.ops.linear import SMALL_ROWS_MAX, _rows, gemm_panels_available
 from npr.ops.threads import follow_torch_threads
 
 # Attention inside one layer: (q [..., Hq, D], k [..., Hkv, D], v [..., Hkv, D]) -> [..., Hq, D]
@@ -80,10 +80,6 @@ def panel_copy(cache: dict[str, tuple[ops.GemmPanels, tuple]], name: str,
     return _copy_of(cache, name, w, lambda t: ops.pack_gemm_weight(t))
 
 
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
-
-
 def _panels_here(packed_dtype: torch.dtype | None, x: torch.Tensor) -> bool:
     """The engine's weight copies on as fp32, fp32 activations on an AVX-512 CPU, no autograd."""
     return (packed_dtype == torch.float32 and x.dtype == torch.float32 and x.is_cpu
@@ -96,6 +92,19 @@ def _panel_rows(packed_dtype: torch.dtype | None, x: torch.Tensor, w: torch.Tens
     weight every call, the decode kernel streams it for few rows)."""
     return (PANEL_ROWS_MIN < _rows(x) <= PANEL_ROWS_MAX and w.dtype == torch.float32
             and w.is_cpu and _panels_here(packed_dtype, x))
+
+
+def _weight_copy(packed: dict, panels: dict, name: str, w: torch.Tensor,
+                 packed_dtype: torch.dtype | None,
+                 x: torch.Tensor) -> torch.Tensor | ops.PackedWeight | ops.GemmPanels:
+    """The copy of weight w (cached as `name`) a forward over x reads: the packed decode copy
+    for few rows, the GEMM-panel copy for many (both only with the engine's copies on), else
+    w itself."""
+    if _decode_rows(packed_dtype, x):
+        return packed_copy(packed, name, w, packed_dtype)
+    if _panel_rows(packed_dtype, x, w):
+        return panel_copy(panels, name, w)
+    return w
 
 
 def _decode_rows(packed_dtype: torch.dtype | None, x: torch.Tensor) -> bool:
@@ -150,14 +159,9 @@ class LlamaLayer(nn.Module):
         self.packed_dtype: torch.dtype | None = None
 
     def weight_for(self, name: str, x: torch.Tensor) -> torch.Tensor | ops.PackedWeight | ops.GemmPanels:
-        """The copy of linear `name` a forward over x reads: the packed decode copy for few rows,
-        the GEMM-panel copy for many (both only with the engine's copies on), else the weight."""
-        w = getattr(self, name)
-        if _decode_rows(self.packed_dtype, x):
-            return packed_copy(self.packed, name, w, self.packed_dtype)
-        if _panel_rows(self.packed_dtype, x, w):
-            return panel_copy(self.panels, name, w)
-        return w
+        """The copy of linear `name` a forward over x reads (_weight_copy)."""
+        return _weight_copy(self.packed, self.panels, name, getattr(self, name),
+                            self.packed_dtype, x)
 
     def _lin(self, x: torch.Tensor, name: str, bias: torch.Tensor | None) -> torch.Tensor:
         """x: [..., K] -> [..., N]; few rows (decode) read the packed copy when there is one."""
@@ -193,9 +197,7 @@ class LlamaLayer(nn.Module):
                        attend: Attend, keep: torch.Tensor | None) -> torch.Tensor:
         """forward() without autograd: the norms, SiLU-mul, RoPE and residual adds folded into
         the linears (npr.ops.linear_fused), which read the packed copies for few rows (decode)."""
-        def w(name: str) -> torch.Tensor | ops.PackedWeight | ops.GemmPanels:
-            return self.weight_for(name, x)
-
+        w = lambda name: self.weight_for(name, x)  # noqa: E731
         nq, nkv = self.hq * self.d, self.hkv * self.d
         rope_here = self.q_norm is None  # q/k-norm (Qwen3) comes between projection and RoPE
         qkv = ops.linear_fused(x, w("qkv_weight"), self.qkv_bias, norm_weight=self.input_norm,
@@ -237,6 +239,11 @@ class LlamaDecoder(nn.Module):
         # fp32 always; non-persistent: recomputed from the config (a GGUF file may rescale it)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         self._rope_table = RopeTable()
+        # The engine's weight copies of the LM head (pack_weights) and the layer-stack tensors
+        # npr._C.llama_layers takes (_layer_tensors), with what they were made from.
+        self._packed_head: dict[str, tuple[ops.PackedWeight, tuple]] = {}
+        self._panel_head: dict[str, tuple[ops.GemmPanels, tuple]] = {}
+        self._layer_tensors_cache: tuple | None = None
 
     # --- the engine's view of the model -------------------------------------------------------
     @property
@@ -358,7 +365,7 @@ class LlamaDecoder(nn.Module):
                 self.packed_dtype)
         params = [p for ly in self.layers for p in ly.parameters(recurse=False)]
         key = (kind, [(p.data_ptr(), p._version) for p in params])
-        hit = getattr(self, "_layer_tensors_cache", None)
+        hit = self._layer_tensors_cache
         if hit is not None and hit[0] == key:
             return hit[1]
         weights, biases, norms = [], [], []
@@ -379,11 +386,8 @@ class LlamaDecoder(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         w = self.head_weight()
         if _fused(self.packed_dtype, x, w):
-            head = w
-            if _decode_rows(self.packed_dtype, x):
-                head = packed_copy(self._packed_head, "head", w, self.packed_dtype)
-            elif _panel_rows(self.packed_dtype, x, w):
-                head = panel_copy(self._panel_head, "head", w)
+            head = _weight_copy(self._packed_head, self._panel_head, "head", w,
+                                self.packed_dtype, x)
             return ops.linear_fused(x, head, norm_weight=self.norm,
                                     eps=self.config.rms_norm_eps).float()
         x = ops.rms_norm(x, self.norm, self.config.rms_norm_eps)
@@ -399,9 +403,7 @@ class LlamaDecoder(nn.Module):
         if dtype is not None and self.device.type != "cpu":
             raise ValueError("pack_weights: the packed kernels run on CPU only")
         self.packed_dtype = dtype
-        self._packed_head: dict[str, tuple[ops.PackedWeight, tuple]] = {}
-        self._panel_head: dict[str, tuple[ops.GemmPanels, tuple]] = {}
-        self._layer_tensors_cache = None
+        self._packed_head, self._panel_head, self._layer_tensors_cache = {}, {}, None
         for layer in self.layers:
             layer.packed, layer.panels, layer.packed_dtype = {}, {}, dtype
 
