@@ -90,11 +90,14 @@ class ForcedStructure:
         raise ValueError("ForcedStructure: a step without its injected label")
 
     def __call__(self, visible: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Writes logits in place (the engine hands each processor its own copy of the row):
+        a forced token keeps its logit, every other token goes to -inf; a free position bans
+        the tags and EOS."""
         tok = self.next_token(visible)
-        out = torch.full_like(logits, float("-inf"))
         if tok is not None:
-            out[tok] = logits[tok]
-            return out
-        out.copy_(logits)
-        out[self._banned.to(logits.device)] = float("-inf")
-        return out
+            keep = logits[tok].clone()
+            logits.fill_(float("-inf"))
+            logits[tok] = keep
+            return logits
+        logits[self._banned.to(logits.device)] = float("-inf")
+        return logits

@@ -61,6 +61,9 @@ class SamplingParams:
     tokens a step has already sampled, inside steps only. logprobs are those of the distribution
     actually sampled from (after processors, penalty, temperature, top-k/top-p); for greedy rows,
     of the processed logits at temperature 1.
+
+    A logits processor is fn(visible_token_ids, logits [V] fp32) -> logits [V]; logits is the
+    engine's own copy of the row, so fn may change it in place and return it (as vLLM's do).
     """
 
     temperature: float = 1.0
