@@ -9,13 +9,12 @@
 // 7-13 us, add ~1.5 us, HF-style RoPE of q and k ~45 us); one layer has ~8 of them besides its
 // 4 linears. Folding them in took the step (1 row) 8-9% faster with fp32 weights and 16-19%
 // with bf16 (`npr bench linear`, smollm2-step packed vs packed+fused).
-// x' lives in a small scratch buffer ([M, K], zero-padded to a multiple of 8 for packed
-// weights); the linear is the same kernel as npr::linear_small / npr::linear_packed.
+// x' lives in a small scratch buffer [M, K]; the linear is the same kernel as
+// npr::linear_small / npr::linear_packed.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
@@ -23,6 +22,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_isa.h"
 #include "cpu_ops.h"
 #include "gemm_avx512.h"
 #include "linear_run.h"
@@ -71,8 +71,8 @@ void rope_row(float* y, const float* c, const float* s, int64_t H, int64_t D) {
 
 }  // namespace
 
-// x: [..., K] (or [..., 2K] with silu_mul) fp32; weight: [N, K] or packed [ceil(N/3),
-// ceil(K/8), 3, 8], fp32 | bf16 | fp16; n: N; bias: [N] | None; norm_weight: [K] | None;
+// x: [..., K] (or [..., 2K] with silu_mul) fp32; weight: [N, K] or packed [ceil(N/8), K, 8],
+// fp32 | bf16 | fp16, or GEMM panels [ceil(N/32), K, 32] fp32; n: N; bias: [N] | None; norm_weight: [K] | None;
 // residual: [..., N] | None; rope_cos, rope_sin: [..., D] | None (one row per x row), rope_heads:
 // heads of size D rotated from column 0 -> [..., N] fp32
 at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t n,
@@ -90,7 +90,7 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
               x.sizes());
   const int64_t K = silu_mul ? Kx / 2 : Kx;
   // [ceil(N/32), K, 32]: panels of the AVX-512 many-row GEMM (npr.ops.pack_gemm_weight)
-  const bool panels = weight.dim() == 3;
+  const bool panels = weight.dim() == 3 && weight.size(2) == gemm_avx512::kPanel;
   if (panels) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
                     weight.size(1) == K && weight.size(2) == gemm_avx512::kPanel && n >= 0 &&
@@ -156,24 +156,18 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
     // kernel; the prologue and epilogues stay fused here (one op instead of ~5 small ones).
     const bool gemm = panels || (wc.dim() == 2 && wc.scalar_type() == at::kFloat && M > kGemmRowsMin);
     const bool prologue = silu_mul || nw.defined();
-    // x' [M, ldx]: for the streaming kernels zero-padded to a multiple of 8 (what a packed
-    // weight needs); a GEMM without prologue reads x itself.
-    const int64_t ldx = gemm ? K : round_up(K, kPackK);
-    at::Tensor xs = gemm && !prologue ? xc.view({M, K})
-                    : ldx == K       ? at::empty({M, ldx}, x.options())
-                                     : at::zeros({M, ldx}, x.options());
-    if (prologue || !gemm) {
+    // x' [M, K]; without a prologue every kernel reads x itself.
+    at::Tensor xs = prologue ? at::empty({M, K}, x.options()) : xc.view({M, K});
+    if (prologue) {
       float* xsp = xs.mutable_data_ptr<float>();
       npr::parallel_for(0, M, grain_for(Kx * int64_t(sizeof(float))), [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; ++m) {
           const float* xr = xp + m * Kx;
-          float* out = xsp + m * ldx;
+          float* out = xsp + m * K;
           if (silu_mul) {
             silu_mul_row(xr, xr + K, out, K);
-          } else if (nw.defined()) {
-            rms_norm_row(xr, nw.const_data_ptr<float>(), out, K, static_cast<float>(eps));
           } else {
-            std::copy(xr, xr + K, out);
+            rms_norm_row(xr, nw.const_data_ptr<float>(), out, K, static_cast<float>(eps));
           }
         }
       });
@@ -188,7 +182,7 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
       else
         at::mm_out(y2, xs, wc.t());
     } else {
-      run_linear(xs.const_data_ptr<float>(), ldx, M, K, wc, n,
+      run_linear(xs.const_data_ptr<float>(), K, M, K, wc, n,
                  bc.defined() ? bc.const_data_ptr<float>() : nullptr, yp);
     }
   }

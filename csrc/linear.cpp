@@ -8,13 +8,12 @@
 // or stored as bf16 / fp16 and widened to fp32 in registers (half the bytes; fp32 compute).
 //   linear_small(x, weight, bias):    weight as given, [N, K].
 //   linear_packed(x, packed, n, bias): weight pre-packed by npr.ops.pack_linear_weight into
-//       [ceil(N/3), ceil(K/8), 3, 8] (zero-padded): 3 outputs per register block, faster at 4+
-//       rows.
+//       panels [ceil(N/8), K, 8] (zero-padded past N): all rows in one pass over the weights,
+//       faster at 3+ rows.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -44,19 +43,8 @@ at::Tensor linear_impl(const char* op, const at::Tensor& x, const at::Tensor& we
   const at::Tensor xc = x.contiguous();
   const at::Tensor wc = weight.contiguous();
   const int64_t M = rows_of(x);
-  const float* xp = xc.const_data_ptr<float>();
-  int64_t ldx = K;
-  // A packed weight is zero past K; x gets a zero-padded copy so the kernel needs no K tail.
-  std::vector<float> xpad;
-  if (weight.dim() == 4 && K % kPackK != 0) {
-    ldx = round_up(K, kPackK);
-    xpad.assign(static_cast<size_t>(M * ldx), 0.f);
-    for (int64_t m = 0; m < M; ++m)
-      std::memcpy(xpad.data() + m * ldx, xp + m * K, sizeof(float) * static_cast<size_t>(K));
-    xp = xpad.data();
-  }
-  run_linear(xp, ldx, M, K, wc, n, bc.defined() ? bc.const_data_ptr<float>() : nullptr,
-             y.mutable_data_ptr<float>());
+  run_linear(xc.const_data_ptr<float>(), K, M, K, wc, n,
+             bc.defined() ? bc.const_data_ptr<float>() : nullptr, y.mutable_data_ptr<float>());
   return y;
 }
 
@@ -72,13 +60,13 @@ at::Tensor linear_small_cpu(const at::Tensor& x, const at::Tensor& weight,
   return linear_impl(op, x, weight, weight.size(0), bias);
 }
 
-// x: [..., K] fp32, packed: [ceil(N/3), ceil(K/8), 3, 8] fp32 | bf16 | fp16 (zero-padded),
-// n: N, bias: [N] fp32 or None -> [..., N] fp32
+// x: [..., K] fp32, packed: [ceil(N/8), K, 8] fp32 | bf16 | fp16 (zero-padded past N), n: N,
+// bias: [N] fp32 or None -> [..., N] fp32
 at::Tensor linear_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                              const std::optional<at::Tensor>& bias) {
   const char* op = "npr::linear_packed";
-  TORCH_CHECK(packed.dim() == 4, op,
-              ": packed must be [ceil(N/3), ceil(K/8), 3, 8] (npr.ops.pack_linear_weight); got ",
+  TORCH_CHECK(is_packed(packed), op,
+              ": packed must be [ceil(N/8), K, 8] (npr.ops.pack_linear_weight); got ",
               packed.sizes());
   return linear_impl(op, x, packed, n, bias);
 }

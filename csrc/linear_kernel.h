@@ -6,15 +6,18 @@
 // prefetch ~8 KiB ahead reaches the machine's read bandwidth):
 //  * plain [N, K] weights: one output row at a time, up to 8 x rows per register block
 //    (8 accumulators; fewer rows use several accumulator sets along K);
-//  * packed [N/3, K/8, 3, 8] weights (pack_linear_weight): 3 outputs x up to 4 rows per
-//    block, so each x load feeds 3 FMAs and each weight load 4: a higher FMA rate at 4+ rows,
-//    where the FMA units (not DRAM) become the limit (1 thread, weights in cache, 576x1536:
-//    84-89 vs 64-77 GFLOP/s at 4-8 rows; 49 -> 68 at K = 1536, where 8 x rows leave L1).
+//  * packed [ceil(N/8), K, 8] weights (pack_linear_weight): panels of 8 outputs; per input k
+//    one weight vector (the 8 outputs' weights) times each row's x[k] broadcast, up to 8 rows
+//    in one pass, so all rows are done while the weights stream in once. Measured on a Zen 3
+//    VM (2 threads, SmolLM2's 121 linears, weights cold, in one process alternating): 8 rows
+//    18-22 ms vs 23-28 ms for the previous 3-outputs x 8-inputs dot-product blocks (1 row
+//    16-17 ms either way): at 8 rows the old blocks were compute-bound, these overlap.
 #pragma once
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 
 #include "simd.h"
@@ -44,10 +47,12 @@ struct F16 {
 };
 
 // Software prefetch: this many bytes ahead in the weight stream, into L2 (T1), for calls with
-// at least kPrefetchMinRows rows. Measured on the build machine (1 thread, 576x6144, best of
-// 30, A/B interleaved): at 8 rows, 8 KiB into L2 overlaps DRAM with the FMAs (packed fp32
-// 1.48 -> 0.79 ms, bf16 1.02 -> 0.65 ms; 1 KiB into L1 gave 1.34 ms); at 1-3 rows the
-// hardware prefetcher alone is as fast or faster (packed fp32, 1 row: 0.44 vs 0.55 ms).
+// at least kPrefetchMinRows rows. Measured on a Zen 1 VM with the earlier dot-product packed
+// layout (1 thread, 576x6144, best of 30, A/B interleaved): at 8 rows, 8 KiB into L2 overlaps
+// DRAM with the FMAs (fp32 1.48 -> 0.79 ms, bf16 1.02 -> 0.65 ms; 1 KiB into L1 gave
+// 1.34 ms); at 1-3 rows the hardware prefetcher alone is as fast or faster (1 row: 0.44 vs
+// 0.55 ms). Rechecked for the panel layout on a Zen 3 VM (2 threads, SmolLM2's linears):
+// prefetching costs 20-30% at 1-2 rows, is about even at 3, and 4-32 KiB ahead are equal at 8.
 #ifndef NPR_LINEAR_PREFETCH_BYTES
 #define NPR_LINEAR_PREFETCH_BYTES 8192
 #endif
@@ -162,88 +167,77 @@ inline void plain_rows(const float* x, int64_t ldx, int64_t M, const typename W:
   });
 }
 
-// ---- packed [N/3, Kp/8, 3, 8] weights --------------------------------------------------------
+// ---- packed [ceil(N/8), K, 8] weights -----------------------------------------------------
 
-constexpr int kPackN = 3;  // outputs per packed block
-constexpr int kPackK = 8;  // weights of one output per packed chunk (one ymm)
-constexpr int kPackRows = 4;  // x rows per register block: 4 x 3 = 12 accumulators
+constexpr int kPackN = 8;     // outputs per panel (one ymm of fp32)
+constexpr int kPackRows = 8;  // x rows per register block: 8 accumulators, one pass
 
-// Rows [0, MB) of x (row stride ldx, Kp columns, zero-padded past K) times one packed block
-// wb: [Kp/8][3][8] -> y[i * ldy + j] for j < nvalid, + bias[j].
-//
-// PF (software prefetch) is a template parameter and the sums are taken over compile-time
-// indices before the runtime nvalid picks the stored ones: a runtime branch in the loop or a
-// runtime index into acc made GCC keep acc in memory and store every accumulator on every
-// iteration (1 thread, weights in L1, 576 x 126: 8 rows 34 -> 53 GFLOP/s on a Zen 3 VM).
+// Rows [0, MB) of x (row stride ldx) times one panel p: [K][8] -> y[i * ldy + j] for
+// j < nvalid, + bias[j]. U accumulator sets along K keep >= 8 independent FMA chains in flight
+// (2 FMA pipes x 4 cycles latency) at few rows. PF (software prefetch of the weight stream) and
+// every index into acc are compile-time: a runtime branch in the loop or a runtime index into
+// acc makes GCC keep acc in memory and store it on every iteration.
 template <class W, int MB, bool PF>
-inline void packed_block(const float* __restrict x, int64_t ldx,
-                         const typename W::T* __restrict wb, int64_t Kp,
-                         const float* __restrict bias, float* __restrict y, int64_t ldy,
-                         int nvalid) {
+inline void panel_block(const float* __restrict x, int64_t ldx, int64_t K,
+                        const typename W::T* __restrict p, const float* __restrict bias,
+                        float* __restrict y, int64_t ldy, int nvalid) {
   using T = typename W::T;
-  constexpr int NB = kPackN;
-  constexpr int U = sets_for(MB, NB);
+  constexpr int U = sets_for(MB, 1);
+  // k steps per iteration: a multiple of U covering whole 64-byte lines of weights
+  constexpr int64_t per_line = 64 / (kPackN * static_cast<int64_t>(sizeof(T)));
+  constexpr int64_t S = std::lcm(static_cast<int64_t>(U), per_line);
   constexpr int64_t ahead = kPrefetchBytes / static_cast<int64_t>(sizeof(T));
-  constexpr int64_t line = 64 / static_cast<int64_t>(sizeof(T));
-  constexpr int64_t step = 8 * U * NB;  // weights consumed per step
-  __m256 acc[U][MB][NB];
+  __m256 acc[U][MB];
   for (int u = 0; u < U; ++u)
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm256_setzero_ps();
+    for (int i = 0; i < MB; ++i) acc[u][i] = _mm256_setzero_ps();
   int64_t k = 0;
-  const int64_t KU = Kp - Kp % (8 * U);
-  for (; k < KU; k += 8 * U) {
-    const T* wk = wb + k * NB;
+  const int64_t KS = K - K % S;
+  for (; k < KS; k += S) {
+    const T* wk = p + k * kPackN;
     if constexpr (ahead > 0 && PF) {
-      for (int64_t o = 0; o < step; o += line) prefetch(wk + ahead + o);
+      for (int64_t o = 0; o < S * kPackN; o += 64 / static_cast<int64_t>(sizeof(T)))
+        prefetch(wk + ahead + o);
     }
-    for (int u = 0; u < U; ++u) {
-      __m256 wv[NB];
-      for (int j = 0; j < NB; ++j) wv[j] = W::load8(wk + (u * NB + j) * 8);
-      for (int i = 0; i < MB; ++i) {
-        const __m256 xv = _mm256_loadu_ps(x + i * ldx + k + 8 * u);
-        for (int j = 0; j < NB; ++j) acc[u][i][j] = _mm256_fmadd_ps(wv[j], xv, acc[u][i][j]);
-      }
+    for (int s = 0; s < S; ++s) {
+      const __m256 wv = W::load8(wk + s * kPackN);
+      for (int i = 0; i < MB; ++i)
+        acc[s % U][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * ldx + k + s), wv, acc[s % U][i]);
     }
   }
-  for (; k < Kp; k += 8) {
-    const T* wk = wb + k * NB;
-    __m256 wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = W::load8(wk + j * 8);
-    for (int i = 0; i < MB; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
-      for (int j = 0; j < NB; ++j) acc[0][i][j] = _mm256_fmadd_ps(wv[j], xv, acc[0][i][j]);
-    }
+  for (; k < K; ++k) {
+    const __m256 wv = W::load8(p + k * kPackN);
+    for (int i = 0; i < MB; ++i)
+      acc[0][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * ldx + k), wv, acc[0][i]);
   }
   for (int u = 1; u < U; ++u)
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) acc[0][i][j] = _mm256_add_ps(acc[0][i][j], acc[u][i][j]);
-  float out[MB][NB];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) out[i][j] = hsum256(acc[0][i][j]);
+    for (int i = 0; i < MB; ++i) acc[0][i] = _mm256_add_ps(acc[0][i], acc[u][i]);
+  if (nvalid == kPackN) {
+    const __m256 bv = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    for (int i = 0; i < MB; ++i) _mm256_storeu_ps(y + i * ldy, _mm256_add_ps(acc[0][i], bv));
+    return;
+  }
+  float out[MB][kPackN];  // the panel's last outputs past N are padding
+  for (int i = 0; i < MB; ++i) _mm256_storeu_ps(out[i], acc[0][i]);
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < nvalid; ++j) y[i * ldy + j] = out[i][j] + (bias ? bias[j] : 0.f);
 }
 
-// All M rows of x times one packed block (3 outputs, nvalid of them real), in register blocks
-// of at most MaxRows rows: 4 with AVX2's 16 registers; 8 (24 accumulators) where the caller is
-// compiled for AVX-512VL's 32 (linear_avx512.cpp), so the block's weights are read once for 8 rows.
-template <class W, int MaxRows = kPackRows>
-inline void packed_rows(const float* x, int64_t ldx, int64_t M, const typename W::T* wb,
-                        int64_t Kp, const float* bias, float* y, int64_t ldy, int nvalid) {
-  static_assert(MaxRows >= 1 && MaxRows <= 8, "packed_rows: 1..8 rows per register block");
-  split_rows<MaxRows>(M, [&](int64_t m0, int64_t mb) {
+// All M rows of x times one panel (8 outputs, nvalid of them real), in near-equal blocks of at
+// most kPackRows rows. Only the first block prefetches (from 3 rows up: below, the hardware
+// prefetcher alone was as fast); later blocks re-read the panel from L1/L2.
+template <class W>
+inline void panel_rows(const float* x, int64_t ldx, int64_t M, const typename W::T* p, int64_t K,
+                       const float* bias, float* y, int64_t ldy, int nvalid) {
+  split_rows<kPackRows>(M, [&](int64_t m0, int64_t mb) {
     const float* xb = x + m0 * ldx;
     float* yb = y + m0 * ldy;
     const bool pf = m0 == 0 && M >= kPrefetchMinRows;
     auto block = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
-      if constexpr (R <= MaxRows) {
-        if (pf)
-          packed_block<W, R, true>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid);
-        else
-          packed_block<W, R, false>(xb, ldx, wb, Kp, bias, yb, ldy, nvalid);
-      }
+      if (pf)
+        panel_block<W, R, true>(xb, ldx, K, p, bias, yb, ldy, nvalid);
+      else
+        panel_block<W, R, false>(xb, ldx, K, p, bias, yb, ldy, nvalid);
     };
     switch (mb) {
       case 1: block(std::integral_constant<int, 1>{}); break;
@@ -257,11 +251,5 @@ inline void packed_rows(const float* x, int64_t ldx, int64_t M, const typename W
     }
   });
 }
-
-// packed_rows with 8-row register blocks, compiled for AVX-512VL (linear_avx512.cpp); call only
-// when use_avx512() (cpu_isa.h).
-template <class W>
-void packed_rows_avx512(const float* x, int64_t ldx, int64_t M, const typename W::T* wb,
-                        int64_t Kp, const float* bias, float* y, int64_t ldy, int nvalid);
 
 }  // namespace npr::linear_kernel

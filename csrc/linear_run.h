@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <optional>
 
-#include "cpu_isa.h"
 #include "linear_kernel.h"
 #include "thread_pool.h"
 
@@ -38,33 +37,28 @@ void run_plain(const float* x, int64_t ldx, int64_t M, const typename W::T* w, i
   });
 }
 
-// x: [M, Kp] fp32 (row stride ldx) zero-padded past K, w: packed [ceil(N/3), Kp/8, 3, 8],
-// bias: [N] or nullptr -> y: [M, N]
+// x: [M, K] fp32 (row stride ldx), w: packed [ceil(N/8), K, 8], bias: [N] or nullptr -> y: [M, N]
 template <class W>
-void run_packed(const float* x, int64_t ldx, int64_t M, const typename W::T* w, int64_t Kp,
+void run_packed(const float* x, int64_t ldx, int64_t M, const typename W::T* w, int64_t K,
                 const float* bias, float* y, int64_t N) {
-  const int64_t nblocks = (N + kPackN - 1) / kPackN;
-  const int64_t block_elems = Kp * kPackN;
-  const int64_t block_bytes = block_elems * static_cast<int64_t>(sizeof(typename W::T));
-  // more than 4 rows: 8-row register blocks where the CPU has AVX-512 (32 registers)
-  const bool wide = M > kPackRows && use_avx512();
-  npr::parallel_for(0, nblocks, grain_for(block_bytes), [&](int64_t b0, int64_t b1) {
+  const int64_t npanels = (N + kPackN - 1) / kPackN;
+  const int64_t panel_elems = K * kPackN;
+  const int64_t panel_bytes = panel_elems * static_cast<int64_t>(sizeof(typename W::T));
+  npr::parallel_for(0, npanels, grain_for(panel_bytes), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kPackN;
       const int nvalid = static_cast<int>(std::min<int64_t>(kPackN, N - n0));
-      const float* bb = bias ? bias + n0 : nullptr;
-      if (wide)
-        packed_rows_avx512<W>(x, ldx, M, w + b * block_elems, Kp, bb, y + n0, N, nvalid);
-      else
-        packed_rows<W>(x, ldx, M, w + b * block_elems, Kp, bb, y + n0, N, nvalid);
+      panel_rows<W>(x, ldx, M, w + b * panel_elems, K, bias ? bias + n0 : nullptr, y + n0, N,
+                    nvalid);
     }
   });
 }
 
-inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+// A weight in the packed layout [ceil(N/8), K, 8] (GEMM panels are [ceil(N/32), K, 32]).
+inline bool is_packed(const at::Tensor& w) { return w.dim() == 3 && w.size(2) == kPackN; }
 
-// Checks a weight for K inputs and n outputs: plain [n, K] or packed [ceil(n/3), ceil(K/8),
-// 3, 8], fp32 / bf16 / fp16 on CPU.
+// Checks a weight for K inputs and n outputs: plain [n, K] or packed [ceil(n/8), K, 8], fp32 /
+// bf16 / fp16 on CPU.
 inline void check_weight(const char* op, const at::Tensor& w, int64_t K, int64_t n) {
   const auto wt = w.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kBFloat16 || wt == at::kHalf, op,
@@ -74,11 +68,9 @@ inline void check_weight(const char* op, const at::Tensor& w, int64_t K, int64_t
     TORCH_CHECK(w.size(0) == n && w.size(1) == K, op, ": weight must be [N, K] with K = ", K,
                 " and N = ", n, "; got ", w.sizes());
   } else {
-    TORCH_CHECK(w.dim() == 4 && w.size(2) == kPackN && w.size(3) == kPackK &&
-                    w.size(1) * kPackK == round_up(K, kPackK) && n >= 0 &&
-                    (n + kPackN - 1) / kPackN == w.size(0),
-                op, ": packed must be [ceil(N/3), ceil(K/8), 3, 8] (npr.ops.pack_linear_weight) ",
-                "with K = ", K, " and N = ", n, "; got ", w.sizes());
+    TORCH_CHECK(is_packed(w) && w.size(1) == K && n >= 0 && (n + kPackN - 1) / kPackN == w.size(0),
+                op, ": packed must be [ceil(N/8), K, 8] (npr.ops.pack_linear_weight) with K = ",
+                K, " and N = ", n, "; got ", w.sizes());
   }
 }
 
@@ -104,8 +96,8 @@ inline int64_t rows_of(const at::Tensor& x) {
   return m;
 }
 
-// y: [M, N] = x: [M, K] (row stride ldx; for a packed weight zero-padded to ceil(K/8)*8) @ W^T
-// (+ bias). w: a contiguous weight that passed check_weight.
+// y: [M, N] = x: [M, K] (row stride ldx) @ W^T (+ bias). w: a contiguous weight that passed
+// check_weight.
 inline void run_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const at::Tensor& w,
                        int64_t N, const float* bias, float* y) {
   auto go = [&](auto tag) {
@@ -114,7 +106,7 @@ inline void run_linear(const float* x, int64_t ldx, int64_t M, int64_t K, const 
     if (w.dim() == 2) {
       run_plain<W>(x, ldx, M, wp, K, bias, y, N);
     } else {
-      run_packed<W>(x, ldx, M, wp, round_up(K, kPackK), bias, y, N);
+      run_packed<W>(x, ldx, M, wp, K, bias, y, N);
     }
   };
   switch (w.scalar_type()) {

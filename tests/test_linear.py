@@ -130,23 +130,23 @@ def test_opcheck(dtype, bias):
 def test_pack_layout_and_roundtrip(n, k):
     w = torch.randn(n, k)
     p = npr.ops.pack_linear_weight(w, dtype=torch.bfloat16)
-    assert p.data.shape == (-(-n // 3), -(-k // 8), 3, 8) and p.dtype == torch.bfloat16
+    assert p.data.shape == (-(-n // 8), k, 8) and p.dtype == torch.bfloat16
     assert p.shape == (n, k)
     assert torch.equal(p.unpack(), w.bfloat16())
-    # Block b, chunk c, lane (j, l) = weight (3b + j, 8c + l); zeros in the padding.
-    b, c, j, lane = (n - 1) // 3, (k - 1) // 8, (n - 1) % 3, (k - 1) % 8
-    assert p.data[b, c, j, lane] == w[n - 1, k - 1].bfloat16()
-    full = ref.unpack_weight(p.data, p.data.shape[0] * 3, p.data.shape[1] * 8)  # with padding
-    assert torch.equal(full[:n, :k], w.bfloat16())
-    assert full[n:].abs().sum() == 0 and full[:, k:].abs().sum() == 0
+    # Panel q, row kk, lane j = weight (8q + j, kk); zeros in the padding past N.
+    q, j = (n - 1) // 8, (n - 1) % 8
+    assert p.data[q, k - 1, j] == w[n - 1, k - 1].bfloat16()
+    full = ref.unpack_weight(p.data, p.data.shape[0] * 8, k)  # with padding
+    assert torch.equal(full[:n], w.bfloat16())
+    assert full[n:].abs().sum() == 0
 
 
 def test_bad_input_names_problem():
     packed = torch.ops.npr.linear_packed
-    with pytest.raises(RuntimeError, match=r"packed must be \[ceil\(N/3\), ceil\(K/8\), 3, 8\]"):
+    with pytest.raises(RuntimeError, match=r"packed must be \[ceil\(N/8\), K, 8\]"):
         packed(torch.randn(2, 17), ref.pack_weight(torch.randn(5, 8)), 5, None)  # K mismatch
     with pytest.raises(RuntimeError, match="packed must be"):
-        packed(torch.randn(2, 8), ref.pack_weight(torch.randn(5, 8)), 7, None)  # N mismatch
+        packed(torch.randn(2, 8), ref.pack_weight(torch.randn(5, 8)), 9, None)  # N mismatch (panels of 8)
     with pytest.raises(RuntimeError, match="packed must be"):
         packed(torch.randn(2, 8), torch.randn(5, 8), 5, None)  # not packed
     with pytest.raises(RuntimeError, match=r"bias must be \[N\]"):

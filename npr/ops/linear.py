@@ -74,9 +74,9 @@ class _WeightLayout:
 class PackedWeight(_WeightLayout):
     """A linear weight [N, K] repacked for npr::linear_packed.
 
-    data: [ceil(N/3), ceil(K/8), 3, 8] in the storage dtype (fp32 / bf16 / fp16), zero-padded:
-    block b, chunk c holds weights k in [8c, 8c+8) of outputs 3b..3b+2, so the kernel reads one
-    sequential stream and feeds 3 outputs from each x load.
+    data: [ceil(N/8), K, 8] in the storage dtype (fp32 / bf16 / fp16), zero-padded past N:
+    panel p, row k holds the weights k of outputs 8p..8p+7, so the kernel reads one sequential
+    stream and each weight vector meets every x row (up to 8 in one pass) while it is loaded.
     """
 
     def unpack(self) -> torch.Tensor:

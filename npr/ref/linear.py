@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-PACK_N = 3  # outputs per packed block (csrc/linear_kernel.h kPackN)
-PACK_K = 8  # weights per packed chunk (kPackK)
+PACK_N = 8  # outputs per panel of the decode kernels' packed layout (csrc/linear_kernel.h kPackN)
+GEMM_PANEL = 32  # outputs per panel of the many-row GEMM's weight layout (gemm_kernel.h kPanel)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -17,39 +17,41 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x.float(), weight.float(), b).to(x.dtype)
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight: [N, K] -> [ceil(N/3), ceil(K/8), 3, 8], zero-padded: block b, chunk c holds the
-    weights k in [8c, 8c+8) of outputs 3b, 3b+1, 3b+2 (the layout npr::linear_packed reads)."""
+def _pack_panels(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """weight: [N, K] -> [ceil(N/width), K, width], zero-padded past N: panel p, row k holds the
+    weights k of outputs width*p .. width*p + width - 1."""
     n, k = weight.shape
-    n_pad, k_pad = -(-n // PACK_N) * PACK_N, -(-k // PACK_K) * PACK_K
-    w = torch.zeros(n_pad, k_pad, dtype=weight.dtype, device=weight.device)
-    w[:n, :k] = weight
-    return w.view(n_pad // PACK_N, PACK_N, k_pad // PACK_K, PACK_K).permute(0, 2, 1, 3).contiguous()
+    n_pad = -(-n // width) * width
+    w = torch.zeros(n_pad, k, dtype=weight.dtype, device=weight.device)
+    w[:n] = weight
+    return w.view(n_pad // width, width, k).transpose(1, 2).contiguous()
+
+
+def _unpack_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
+    """panels: [ceil(N/width), K, width] -> weight [N, K] (inverse of _pack_panels)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:n].contiguous()
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight: [N, K] -> [ceil(N/8), K, 8] (the layout npr::linear_packed reads)."""
+    return _pack_panels(weight, PACK_N)
 
 
 def unpack_weight(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """packed: [ceil(N/3), ceil(K/8), 3, 8] -> weight [N, K] (inverse of pack_weight)."""
-    nb, kc = packed.shape[0], packed.shape[1]
-    w = packed.permute(0, 2, 1, 3).reshape(nb * PACK_N, kc * PACK_K)
-    return w[:n, :k].contiguous()
-
-
-GEMM_PANEL = 32  # outputs per panel of the many-row GEMM's weight layout
+    """packed: [ceil(N/8), K, 8] -> weight [N, K] (inverse of pack_weight)."""
+    if packed.shape[1] != k:
+        raise ValueError(f"unpack_weight: packed {tuple(packed.shape)} does not hold K = {k} inputs")
+    return _unpack_panels(packed, n)
 
 
 def pack_gemm_panels(weight: torch.Tensor) -> torch.Tensor:
-    """weight: [N, K] -> [ceil(N/32), K, 32], zero-padded past N: panel p, row k holds the
-    weights k of outputs 32p..32p+31 (the layout npr::linear_fused's AVX-512 GEMM reads)."""
-    n, k = weight.shape
-    n_pad = -(-n // GEMM_PANEL) * GEMM_PANEL
-    w = torch.zeros(n_pad, k, dtype=weight.dtype, device=weight.device)
-    w[:n] = weight
-    return w.view(n_pad // GEMM_PANEL, GEMM_PANEL, k).transpose(1, 2).contiguous()
+    """weight: [N, K] -> [ceil(N/32), K, 32] (the layout npr::linear_fused's AVX-512 GEMM reads)."""
+    return _pack_panels(weight, GEMM_PANEL)
 
 
 def unpack_gemm_panels(panels: torch.Tensor, n: int) -> torch.Tensor:
     """panels: [ceil(N/32), K, 32] -> weight [N, K] (inverse of pack_gemm_panels)."""
-    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:n].contiguous()
+    return _unpack_panels(panels, n)
 
 
 def linear_packed(x: torch.Tensor, packed: torch.Tensor, n: int,
