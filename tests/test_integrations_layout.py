@@ -139,7 +139,7 @@ def engine_raw_and_processed(outs, recorders, tag_ids, temperature=1.0):
             lsm = rec.raw(full, mask, i)
             raw.append(float(torch.log_softmax(lsm / temperature, -1)[t]))
             visible = [full[q] for q in range(i) if bool(mask[i - 1, q])]
-            forced = rec.inner(visible, lsm)
+            forced = rec.inner(visible, lsm.clone())  # processors may write in place
             proc.append(float(torch.log_softmax(forced / temperature, -1)[t]))
         res.append((raw, proc))
     return res

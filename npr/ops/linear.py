@@ -7,9 +7,9 @@ widened to fp32 inside the kernel (half the bytes, fp32 compute).
 
     linear(x, weight, bias)        weight: [N, K] tensor -> torch.ops.npr.linear_small
     linear(x, packed, bias)        packed = pack_linear_weight(weight, dtype=...) ->
-                                   torch.ops.npr.linear_packed (3 outputs per register block:
-                                   up to 2x faster than the plain kernel at 4-16 rows; the
-                                   one to use: pack the weights once at load time)
+                                   torch.ops.npr.linear_packed (panels of 8 outputs: up to 8
+                                   rows in one pass over the weights; the one to use: pack the
+                                   weights once at load time)
 
 Everything else (many rows with fp32 [N, K] weights, non-fp32 x, other devices) goes to
 torch's F.linear, with 16-bit or packed weights widened / unpacked first.
