@@ -12,6 +12,7 @@ import torch
 
 import npr
 from npr import _C
+from npr.models.llama import PACKED_ROWS_MAX
 
 
 @pytest.fixture
@@ -156,7 +157,7 @@ def test_follow_torch_threads_is_per_thread_and_restored(threads):
     assert not _C.thread_follows_openmp()
 
 
-@pytest.mark.parametrize("tokens,follows", [(8, False), (64, True)])
+@pytest.mark.parametrize("tokens,follows", [(8, False), (PACKED_ROWS_MAX + 1, True)])
 def test_a_forward_on_torch_gemm_runs_the_kernels_on_torch_threads(tokens, follows):
     # More rows than the decode kernels take: the linears run on torch's GEMM, and npr's kernels
     # (here: where attention is called) on torch's threads too.

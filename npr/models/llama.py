@@ -43,8 +43,12 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Names some older checkpoints carry that are not weights (recomputed from the config).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # Up to this many rows a linear reads the packed decode copy (npr::linear_packed); more rows
-# (prefill) take the plain weight and torch's GEMM.
-PACKED_ROWS_MAX = 32
+# (prefill) take the plain weight and torch's GEMM. Measured on a 2-vCPU AMD EPYC (Zen 3, AVX2)
+# VM, 2 threads, SmolLM2's 30 layers + head, cold weights, in one process alternating: the
+# decode kernel 40-47 vs 84-93 ms at 16 rows, 118-128 vs 162-169 ms at 64, 229-240 vs
+# 265-275 ms at 128, equal at 256 (torch's GEMM: MKL). Where GEMM panels run (AVX-512) they
+# take 9+ rows instead (below).
+PACKED_ROWS_MAX = 128
 # Where the GEMM-panel copies run (AVX-512, fp32 copies), they take over from the decode copies
 # past PANEL_ROWS_MIN rows, up to PANEL_ROWS_MAX; more rows (a prefill) take torch's GEMM.
 # Measured on a 2-vCPU Xeon, 2 threads, SmolLM2's 30 layers + head, cold weights: panels equal
