@@ -13,6 +13,7 @@ import torch
 import npr
 from npr import _C
 from npr.models.llama import PACKED_ROWS_MAX
+from npr.ops.linear import SMALL_ROWS_MAX
 
 
 @pytest.fixture
@@ -157,10 +158,11 @@ def test_follow_torch_threads_is_per_thread_and_restored(threads):
     assert not _C.thread_follows_openmp()
 
 
-@pytest.mark.parametrize("tokens,follows", [(8, False), (PACKED_ROWS_MAX + 1, True)])
+@pytest.mark.parametrize("tokens,follows", [(8, False), (SMALL_ROWS_MAX + 1, True),
+                                            (PACKED_ROWS_MAX + 1, True)])
 def test_a_forward_on_torch_gemm_runs_the_kernels_on_torch_threads(tokens, follows):
-    # More rows than the decode kernels take: the linears run on torch's GEMM, and npr's kernels
-    # (here: where attention is called) on torch's threads too.
+    # Past SMALL_ROWS_MAX rows (decode copies or torch's GEMM) npr's kernels (here: where
+    # attention is called) run on torch's threads.
     from tests.tiny import tiny_model
 
     model = tiny_model(50)

@@ -330,11 +330,13 @@ class LlamaDecoder(nn.Module):
         rope = self._rope_table if x.is_cpu else rope_cos_sin
         cos, sin = rope(position_ids, self.inv_freq, self.rope_scaling, x.dtype)
         last = len(self.layers) - 1
-        # linears on torch's GEMM (more rows than the decode kernels take): npr's kernels join
-        # torch's threads (npr.ops.threads)
-        gemm = (x.is_cpu and not _decode_rows(self.packed_dtype, x)
-                and input_ids.numel() > SMALL_ROWS_MAX)
-        with follow_torch_threads(gemm):
+        # Many rows: npr's kernels join torch's threads (npr.ops.threads). Such a step also
+        # runs torch's GEMM (linears past the decode copies) or sizeable torch ops (sampling
+        # many rows), after which torch's OpenMP team spins; npr's pool on the same cores would
+        # compete with it (Zen 3 VM, SmolLM2, 64 rows on the decode kernel: 17.3 vs 11.7 s for
+        # 64 tokens with the pool, 11.7 with OMP_WAIT_POLICY=passive).
+        many = x.is_cpu and input_ids.numel() > SMALL_ROWS_MAX
+        with follow_torch_threads(many):
             native = self._native_args(attn, x)
             if native is not None:  # every layer in one C++ call (csrc/llama_layers.cpp)
                 x = _ext._C.llama_layers(x, cos, sin, **self._layer_tensors(x), **native,
