@@ -69,12 +69,12 @@ class Engine:
         decode_weights: str = "auto",
     ) -> None:
         """decode_weights (CPU): "auto" lets decode steps read the linear weights from packed
-        copies in the streaming kernel's layout (same precision as the model; the model object
-        gets these copies), "bf16" / "fp16" store those copies at half the bytes (faster, lower
-        precision), "plain" reads the weights as they are. With "auto" copies of an fp32 model on
-        an AVX-512 CPU, steps of 9-256 rows read a second copy laid out for npr's GEMM
-        (npr.ops.GemmPanels): each copy costs the linears' memory once more, made on first use
-        and again after the weights change."""
+        copies in the decode kernel's layout (8-output panels, same precision as the model; the
+        model object gets these copies; steps of up to 128 rows), "bf16" / "fp16" store those
+        copies at half the bytes (faster, lower precision), "plain" reads the weights as they
+        are. With "auto" copies of an fp32 model on an AVX-512 CPU, steps of 9-256 rows read a
+        second copy laid out for npr's GEMM (npr.ops.GemmPanels): each copy costs the linears'
+        memory once more, made on first use and again after the weights change."""
         C = _ext.require("npr.Engine")
         if isinstance(model, str):
             from npr.models.loader import load_model, load_tokenizer
