@@ -72,9 +72,9 @@ void rope_row(float* y, const float* c, const float* s, int64_t H, int64_t D) {
 }  // namespace
 
 // x: [..., K] (or [..., 2K] with silu_mul) fp32; weight: [N, K] or packed [ceil(N/8), K, 8],
-// fp32 | bf16 | fp16, or GEMM panels [ceil(N/32), K, 32] fp32; n: N; bias: [N] | None; norm_weight: [K] | None;
-// residual: [..., N] | None; rope_cos, rope_sin: [..., D] | None (one row per x row), rope_heads:
-// heads of size D rotated from column 0 -> [..., N] fp32
+// fp32 | bf16 | fp16, or GEMM panels [ceil(N/32), K, 32] fp32; n: N; bias: [N] | None;
+// norm_weight: [K] | None; residual: [..., N] | None; rope_cos, rope_sin: [..., D] | None (one
+// row per x row), rope_heads: heads of size D rotated from column 0 -> [..., N] fp32
 at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64_t n,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& norm_weight, double eps,

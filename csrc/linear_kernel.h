@@ -10,8 +10,8 @@
 //    one weight vector (the 8 outputs' weights) times each row's x[k] broadcast, up to 8 rows
 //    in one pass, so all rows are done while the weights stream in once. Measured on a Zen 3
 //    VM (2 threads, SmolLM2's 121 linears, weights cold, in one process alternating): 8 rows
-//    18-22 ms vs 23-28 ms for the previous 3-outputs x 8-inputs dot-product blocks (1 row
-//    16-17 ms either way): at 8 rows the old blocks were compute-bound, these overlap.
+//    17.7-20.6 ms vs 24.8-26.6 ms for the previous 3-outputs x 8-inputs dot-product blocks,
+//    1-4 rows equal within noise: at 8 rows the old blocks were compute-bound, these overlap.
 #pragma once
 #include <immintrin.h>
 
@@ -223,8 +223,9 @@ inline void panel_block(const float* __restrict x, int64_t ldx, int64_t K,
 }
 
 // All M rows of x times one panel (8 outputs, nvalid of them real), in near-equal blocks of at
-// most kPackRows rows. Only the first block prefetches (from 3 rows up: below, the hardware
-// prefetcher alone was as fast); later blocks re-read the panel from L1/L2.
+// most kPackRows rows. Only the first block prefetches (calls of kPrefetchMinRows rows or
+// more: below, the hardware prefetcher alone was as fast); later blocks re-read the panel from
+// L1/L2.
 template <class W>
 inline void panel_rows(const float* x, int64_t ldx, int64_t M, const typename W::T* p, int64_t K,
                        const float* bias, float* y, int64_t ldy, int nvalid) {

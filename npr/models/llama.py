@@ -333,8 +333,8 @@ class LlamaDecoder(nn.Module):
         # Many rows: npr's kernels join torch's threads (npr.ops.threads). Such a step also
         # runs torch's GEMM (linears past the decode copies) or sizeable torch ops (sampling
         # many rows), after which torch's OpenMP team spins; npr's pool on the same cores would
-        # compete with it (Zen 3 VM, SmolLM2, 64 rows on the decode kernel: 17.3 vs 11.7 s for
-        # 64 tokens with the pool, 11.7 with OMP_WAIT_POLICY=passive).
+        # compete with it (Zen 3 VM, SmolLM2, 64 rows x 64 tokens on the decode kernel:
+        # 16.4-17.8 s with the pool, 11.7-12.6 s with OMP_WAIT_POLICY=passive).
         many = x.is_cpu and input_ids.numel() > SMALL_ROWS_MAX
         with follow_torch_threads(many):
             native = self._native_args(attn, x)
