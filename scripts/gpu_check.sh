@@ -39,7 +39,14 @@ step build 420 env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS="$(nproc)" \
 "$PY" -c "from npr import _ext; print('npr._C built:', _ext.available(), 'with CUDA:', _ext.with_cuda())"
 
 step tests 300 "$PY" -m pytest -q -rs tests/test_tree_attention.py tests/test_kv_ops.py \
-  tests/test_engine.py
+  tests/test_engine.py tests/test_decode_graphs.py
+# decode steps with and without CUDA graphs (npr.engine.decode_graphs): host ms per step
+step bench_graphs 120 "$PY" -m npr.cli bench throughput --device cuda --models tiny \
+  --modes plain --temperatures 0 --rows 1,64 --repeat 2 --no-hf --decode-graphs \
+  --json "$OUT/throughput_graphs_cuda.json"
+step bench_eager 120 "$PY" -m npr.cli bench throughput --device cuda --models tiny \
+  --modes plain --temperatures 0 --rows 1,64 --repeat 2 --no-hf \
+  --json "$OUT/throughput_eager_cuda.json"
 step bench_attention 240 "$PY" -m npr.cli bench attention --device cuda \
   --json "$OUT/attention_cuda.json"
 step bench_kv 120 "$PY" -m npr.cli bench kv --device cuda --json "$OUT/kv_cuda.json"

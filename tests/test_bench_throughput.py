@@ -44,6 +44,19 @@ def test_bench_throughput_quick_rows(tmp_path, capsys):
             assert r["npr_steps"] < r["tokens"] // r["rows"]
     assert len(per_request["parallel"]) == 1  # the forced structure fixes the token count
     assert per_request["parallel"].pop() > 8 * 2  # 8 branches of 2 content tokens, tags, labels
+    assert not any(r["npr_decode_graphs"] for r in rows)
+
+
+def test_bench_throughput_decode_graphs_flag(tmp_path):
+    # on CPU the flag runs the graphs' eager twin: same tokens, same step count
+    out = tmp_path / "throughput.json"
+    assert cli.main(["bench", "throughput", "--quick", "--no-hf", "--modes", "plain",
+                     "--temperatures", "0", "--decode-graphs",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["npr_decode_graphs"] for r in rows)
+    for r in rows:  # --quick keeps its grid: 16 tokens a sequence
+        assert r["tokens"] == 16 * r["rows"] and 16 <= r["npr_steps"] <= 17
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch-tokens", type=int, default=8, help="content tokens per branch (parallel)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per method (best kept)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers peer")
+    p.add_argument("--decode-graphs", action="store_true",
+                   help="npr's decode steps replay CUDA graphs (Engine(decode_graphs=True))")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -271,7 +273,8 @@ def _case(model: Any, tok: Any, hf: Any, clock: _ForwardClock | None, model_name
     # enough that no case is preempted (reported as npr_preemptions).
     kv_tokens = rows * block * (-(-(P + per_seq) // block) + partial)
     eng = npr.Engine(model, tok, block_size=block, kv_cache_tokens=kv_tokens, max_rows=max_rows,
-                     max_branches=8, device=args.device, seed=0)
+                     max_branches=8, device=args.device, seed=0,
+                     decode_graphs=getattr(args, "decode_graphs", False))
     if mode == "plain":
         eng.eos_ids = []  # no stop but the budget: new_tokens each, as HF with min_new_tokens
 
@@ -315,7 +318,8 @@ def _case(model: Any, tok: Any, hf: Any, clock: _ForwardClock | None, model_name
     row: dict[str, Any] = {"model": model_name, "mode": mode, "temperature": temp, "rows": rows,
                            "branches": n if mode == "parallel" else 1, "prompt": P,
                            "tokens": best["npr"]["tokens"], **_summary("npr", best["npr"]),
-                           "npr_preemptions": int(eng.scheduler.num_preemptions())}
+                           "npr_preemptions": int(eng.scheduler.num_preemptions()),
+                           "npr_decode_graphs": eng.runner.graphs is not None}
     floor = roofline_s(model.config, best["npr"]["fed"], best["npr"]["steps"], read_gbs, gemm_gflops)
     row.update({"read_gbs": read_gbs, "gemm_gflops": gemm_gflops,
                 "roofline_tok_s": row["tokens"] / floor,

@@ -16,6 +16,7 @@ import torch
 
 from npr import _ext
 from npr import format as fmt
+from npr.engine.decode_graphs import DecodeGraphs
 from npr.engine.outputs import CompletionOutput, RequestOutput
 from npr.engine.runner import ModelRunner
 from npr.engine.sampling import ProcessorError, Sampler, run_processors, sample_batch
@@ -67,6 +68,7 @@ class Engine:
         seed: int = 0,
         max_tokens_per_step: int = 2048,
         decode_weights: str = "auto",
+        decode_graphs: bool = False,
     ) -> None:
         """decode_weights (CPU): "auto" lets decode steps read the linear weights from packed
         copies in the decode kernel's layout (8-output panels, same precision as the model; the
@@ -74,7 +76,13 @@ class Engine:
         copies at half the bytes (faster, lower precision), "plain" reads the weights as they
         are. With "auto" copies of an fp32 model on an AVX-512 CPU, steps of 9-256 rows read a
         second copy laid out for npr's GEMM (npr.ops.GemmPanels): each copy costs the linears'
-        memory once more, made on first use and again after the weights change."""
+        memory once more, made on first use and again after the weights change.
+
+        decode_graphs: decode steps (each row one token, every token sampled, up to 256 rows)
+        replay CUDA graphs captured per batch-size bucket, attention eager between the layers'
+        pieces (npr.engine.decode_graphs). Off by default: not yet run on a GPU. True on CPU
+        runs the same padded piecewise path without graphs (a test twin, slower than the
+        default)."""
         C = _ext.require("npr.Engine")
         if isinstance(model, str):
             from npr.models.loader import load_model, load_tokenizer
@@ -120,7 +128,10 @@ class Engine:
             tag_ids=[self.tag_ids[t] for t in TAGS] if self.tag_ids else [], step_labels=labels,
             max_model_len=self.max_context,
         )
-        self.runner = ModelRunner(model, self.num_blocks, block_size, self.dtype, self.device)
+        graphs = (DecodeGraphs(model, self.max_rows, self.device,
+                               capture=self.device.type == "cuda") if decode_graphs else None)
+        self.runner = ModelRunner(model, self.num_blocks, block_size, self.dtype, self.device,
+                                  graphs)
         # attention work items split segments into chunks of about this many tokens
         self._kv_chunk = 256 if self.device.type == "cuda" else 1024
         if self.device.type == "cpu" and decode_weights != "plain" and hasattr(model, "pack_weights"):
@@ -470,6 +481,8 @@ class Engine:
         all cached KV is dropped: in-flight requests keep the tokens they have and are
         recomputed under the new weights."""
         self.model.load_hf_state_dict(named_tensors, atomic=True)
+        if self.runner.graphs is not None:  # (in-place loads keep the graphs' addresses; cheap)
+            self.runner.graphs.reset()
         if getattr(self.model, "packed_dtype", None) is not None:
             self.model.pack_weights(self.model.packed_dtype)
         self.scheduler.preempt_all()

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from npr import ops
+from npr.engine.decode_graphs import DecodeGraphs
 
 
 class PagedTreeAttention:
@@ -36,11 +37,16 @@ class PagedTreeAttention:
 
 
 class ModelRunner:
+    """graphs: decode steps go through npr.engine.decode_graphs (None: every step runs the
+    model's forward as it is)."""
+
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype, device: torch.device) -> None:
+                 kv_dtype: torch.dtype, device: torch.device,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv_dtype, self.device = kv_dtype, device
+        self.graphs = graphs
         self.k_caches: list[torch.Tensor] = []
         self.v_caches: list[torch.Tensor] = []
         self.allocate()
@@ -57,6 +63,8 @@ class ModelRunner:
 
     def release(self) -> None:
         self.k_caches, self.v_caches = [], []
+        if self.graphs is not None:  # the graphs' memory goes too; re-captured on use
+            self.graphs.reset()
 
     @torch.inference_mode()
     def forward(self, plan: Any) -> torch.Tensor:
@@ -72,6 +80,9 @@ class ModelRunner:
         tree = ops.attention.plan_from_parts(parts[5:], self.block_size, plan.max_item_parts,
                                              plan.row_lens, plan.kv_tokens_read)
         attn = PagedTreeAttention(self.k_caches, self.v_caches, plan.slots.to(self.device), tree)
+        if self.graphs is not None and self.graphs.handles(plan.sizes[0], plan.num_rows,
+                                                           plan.sizes[2]):
+            return self.graphs.forward(input_ids.long(), positions.long(), attn)
         # The scheduler emits logits indices ascending (each sampled row's last token): as many
         # as tokens means every token, and the model skips the gather.
         keep = None if plan.sizes[2] == plan.sizes[0] else logits_indices.long()

@@ -416,7 +416,9 @@ class LlamaDecoder(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be int64/int32, got {input_ids.dtype}")
-        if input_ids.numel():
+        # (a CUDA graph being captured cannot read values back; its replays feed ids the
+        # engine sampled)
+        if input_ids.numel() and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
