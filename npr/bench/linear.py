@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from npr import ops
 from npr.bench import common
+from npr.ops.linear import gemm_panels_available
 
 SHAPES = {  # name: (K, N)
     "576->1536": (576, 1536),
@@ -49,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default=",".join(SHAPES), help="subset of: " + ",".join(SHAPES))
     p.add_argument("--storage", default="fp32,bf16", help="weight storage: fp32,bf16")
     p.add_argument("--kernels", default="plain,packed",
-                   help="plain ([N, K] weights), packed (pack_linear_weight)")
+                   help="plain ([N, K] weights), packed (pack_linear_weight), panels "
+                        "(pack_gemm_weight: fp32 on AVX-512 CPUs only; shape cases only)")
     p.add_argument("--iters", type=int, default=15, help="timed calls per case (best is kept)")
     p.add_argument("--repeat", type=int, default=2,
                    help="passes over all cases; the best time of each case is kept")
@@ -113,7 +115,11 @@ def _shape_raw(args, name: str) -> list[dict]:
             torch_ms = _best_ms({m: [lambda w=w, x=x: F.linear(x, w) for w in w32]
                                  for m, x in xs.items()}, args.iters)
         for kname in args.kernels.split(","):
-            ws = plain if kname == "plain" else [ops.pack_linear_weight(w) for w in plain]
+            if kname == "panels" and not (dtype == torch.float32 and gemm_panels_available()):
+                continue  # GEMM panels hold fp32 and run on AVX-512 CPUs only
+            ws = (plain if kname == "plain" else
+                  [ops.pack_gemm_weight(w) for w in plain] if kname == "panels" else
+                  [ops.pack_linear_weight(w) for w in plain])
             ms = _best_ms({m: [lambda w=w, x=x: ops.linear(x, w) for w in ws]
                            for m, x in xs.items()}, args.iters)
             for m in rows_list:
@@ -212,7 +218,8 @@ def _step_raw(args) -> list[dict]:
 
     if not args.no_torch:
         torch_ms = best_ms(_Step(torch.float32, linear=F.linear))
-    variants = args.kernels.split(",") + ([] if args.no_fused else ["packed+fused"])
+    variants = ([k for k in args.kernels.split(",") if k != "panels"]
+                + ([] if args.no_fused else ["packed+fused"]))
     for sname in args.storage.split(","):
         for kname in variants:
             step = _Step(STORAGE[sname], packed=kname.startswith("packed"),
