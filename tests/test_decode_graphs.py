@@ -10,30 +10,9 @@ import torch
 
 import npr
 from npr.engine.decode_graphs import BUCKETS, DecodeGraphs, bucket_for
-from test_engine import CASES, make_forcer, naive_decode
-from tiny import tiny_model, tiny_tokenizer
-from npr.tags import TAGS
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(len(tok), seed=1)
-
-
-@pytest.fixture(scope="module")
-def tag_ids(tok):
-    v = tok.get_vocab()
-    return {t: v[t] for t in TAGS}
-
-
-@pytest.fixture(scope="module")
-def labels(tok):
-    return [tok.encode(f"{k}:", add_special_tokens=False) for k in range(1, 9)]
+# the engine tests' tiny model, tokenizer and forced workloads (fixtures included)
+from test_engine import CASES, labels, make_forcer, model, naive_decode, tag_ids, tok  # noqa: F401
+from tiny import tiny_model
 
 
 def test_buckets():
