@@ -93,7 +93,7 @@ at::Tensor linear_fused_cpu(const at::Tensor& x, const at::Tensor& weight, int64
   const bool panels = weight.dim() == 3 && weight.size(2) == gemm_avx512::kPanel;
   if (panels) {
     TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.device().is_cpu() &&
-                    weight.size(1) == K && weight.size(2) == gemm_avx512::kPanel && n >= 0 &&
+                    weight.size(1) == K && n >= 0 &&
                     weight.size(0) == (n + gemm_avx512::kPanel - 1) / gemm_avx512::kPanel,
                 op, ": GEMM panels must be float32 CPU [ceil(N/32), K, 32] ",
                 "(npr.ops.pack_gemm_weight) with K = ", K, " and N = ", n, "; got ",
