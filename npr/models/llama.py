@@ -369,7 +369,8 @@ class LlamaDecoder(nn.Module):
         first = self.layers[0].qkv_weight
         kind = (_decode_rows(self.packed_dtype, x), _panel_rows(self.packed_dtype, x, first),
                 self.packed_dtype)
-        params = [p for ly in self.layers for p in ly.parameters(recurse=False)]
+        # (_parameters directly: Module.parameters()'s generators cost 136 us a SmolLM2 step)
+        params = [p for ly in self.layers for p in ly._parameters.values() if p is not None]
         key = (kind, [(p.data_ptr(), p._version) for p in params])
         hit = self._layer_tensors_cache
         if hit is not None and hit[0] == key:
