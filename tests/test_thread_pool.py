@@ -160,7 +160,7 @@ def test_follow_torch_threads_is_per_thread_and_restored(threads):
 
 @pytest.mark.parametrize("tokens,follows", [(8, False), (SMALL_ROWS_MAX + 1, True),
                                             (PACKED_ROWS_MAX + 1, True)])
-def test_a_forward_on_torch_gemm_runs_the_kernels_on_torch_threads(tokens, follows):
+def test_a_forward_of_many_rows_runs_the_kernels_on_torch_threads(tokens, follows):
     # Past SMALL_ROWS_MAX rows (decode copies or torch's GEMM) npr's kernels (here: where
     # attention is called) run on torch's threads.
     from tests.tiny import tiny_model
