@@ -168,6 +168,11 @@ def draw_path(request, monkeypatch):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_batched_equals_per_row_reference(seed, draw_path):
+    check_against_reference(seed, "cpu")
+
+
+def check_against_reference(seed: int, device: str) -> None:
+    """sample_batch on `device` logits vs ref_row on the host, per row: tokens and logprobs."""
     rng = random.Random(seed)
     S, V = 48, 61
     params = [random_params(rng) for _ in range(S)]
@@ -177,7 +182,9 @@ def test_batched_equals_per_row_reference(seed, draw_path):
     steps = {i: [rng.randint(0, V - 1) for _ in range(rng.randint(0, 6))] for i in rows.penalty_rows()}
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(S, V, generator=g) * 2
-    tok, lp = sample_batch(logits, rows, [steps[i] for i in rows.penalty_rows()])
+    tok, lp = sample_batch(logits.to(device), rows, [steps[i] for i in rows.penalty_rows()])
+    assert tok.device.type == lp.device.type == device
+    tok, lp = tok.cpu(), lp.cpu()
     assert tok.dtype == torch.long and lp.dtype == torch.float32 and tok.shape == lp.shape == (S,)
     u = uniforms(rows.key, rows.sample, rows.branch, rows.counter)
     for i, p in enumerate(params):
@@ -243,11 +250,16 @@ def chi2(counts: np.ndarray, probs: np.ndarray) -> tuple[float, int]:
 @pytest.mark.parametrize("temperature,top_k,top_p", [
     (1.0, -1, 1.0), (0.6, -1, 1.0), (1.5, 5, 1.0), (1.0, -1, 0.8), (0.8, 6, 0.9)])
 def test_distribution_by_frequencies(temperature, top_k, top_p, draw_path):
+    check_frequencies(temperature, top_k, top_p, "cpu")
+
+
+def check_frequencies(temperature: float, top_k: int, top_p: float, device: str) -> None:
     logits = torch.tensor([2.0, 1.6, 1.1, 0.7, 0.2, -0.3, -0.9, -1.5, -2.5, 0.9])
     p = npr.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=2024)
     N = 20_000  # one fixed logits vector, N draws: the branch's counters 0..N-1
     rows = Rows.of([p] * N, [request_key(p.seed, 0, 0)] * N, [0] * N, [1] * N, list(range(N)))
-    tok, lp = sample_batch(logits.expand(N, -1), rows)
+    tok, lp = sample_batch(logits.to(device).expand(N, -1), rows)
+    tok, lp = tok.cpu(), lp.cpu()
     counts = np.bincount(tok.numpy(), minlength=10)
     want = torch.softmax(ref_top_k_top_p(logits / temperature, top_k, top_p), -1).double().numpy()
     assert (counts[want == 0] == 0).all()  # masked tokens never drawn
@@ -377,6 +389,67 @@ def test_every_op_runs_on_the_logits_device(mixed):
         else:
             assert ins <= {"meta"} and outs <= {"meta"}, (name, ins, outs)
     assert 1 <= uploads <= 10  # the per-row numbers, a few small tensors
+
+
+# ------------------------------------------------------------------ on a GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cuda_sampling_equals_the_per_row_reference(seed):
+    """Temperature, top-k, top-p and the penalty on CUDA logits: the host's reference tokens
+    (the uniforms are hashed on the host, so the draws are the CPU's) and logprobs."""
+    check_against_reference(seed, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, -1, 1.0), (0.8, 6, 0.9)])
+def test_cuda_distribution_by_frequencies(temperature, top_k, top_p):
+    check_frequencies(temperature, top_k, top_p, "cuda")
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.skipif(not npr._ext.with_cuda(), reason="npr._C is built without CUDA")
+def test_cuda_engine_samples_as_the_cpu_engine(eng):
+    """An engine on CUDA at temperature > 0 (plain and native requests, top-p, seeds in a mixed
+    batch): each request's tokens are those of the CPU engine on the same weights."""
+    check_engine_samples_as_the_cpu_engine(eng, "cuda")
+
+
+def check_engine_samples_as_the_cpu_engine(eng, device: str) -> None:
+    from tiny import tiny_model
+
+    from npr.bench.forcing import ForcedStructure
+    from npr.tags import TAGS
+
+    tok = eng.tokenizer
+    v = tok.get_vocab()
+    labels = [tok.encode(f"{k}:", add_special_tokens=False) for k in range(1, 9)]
+    prompts = [ids_of(eng, f"gpu {i}") for i in range(5)]
+    forcer = ForcedStructure(tag_ids={t: v[t] for t in TAGS}, labels=labels, eos_id=tok.eos_token_id,
+                             prompt_len=len(prompts[0]), branches=[3], step_tokens=4,
+                             prefix_tokens=1)
+    ps = [npr.SamplingParams(temperature=1.0, seed=9, max_new_tokens=200, logits_processors=[forcer])]
+    ps += [npr.SamplingParams(temperature=t, top_p=p, seed=s, parallel="off", max_new_tokens=16)
+           for t, p, s in ((1.0, 1.0, 1), (0.7, 0.9, 2), (1.3, 0.95, None), (0.0, 1.0, 4))]
+    gpu = npr.Engine(tiny_model(len(tok), seed=1).to(device), tok, kv_cache_tokens=8192,
+                     max_branches=4, device=device)  # the weights of the fixture's engine
+    seeded = [i for i, p in enumerate(ps) if p.seed is not None]
+    want = eng.generate(input_ids=prompts, sampling_params=ps)
+    got = gpu.generate(input_ids=prompts, sampling_params=ps)
+    assert got[0].outputs[0].finish_reason == "stop" and got[0].outputs[0].stats["forks"] == 1
+    for i in seeded:
+        a, b = want[i].outputs[0], got[i].outputs[0]
+        assert a.token_ids == b.token_ids and a.position_ids == b.position_ids, i
+        assert [lp is None for lp in b.logprobs] == [lp is None for lp in a.logprobs]  # injected
+        assert [lp for lp in b.logprobs if lp is not None] == pytest.approx(
+            [lp for lp in a.logprobs if lp is not None], rel=1e-4, abs=1e-5)
+    assert gpu.pool_stats()["used_blocks"] == 0
 
 
 # ------------------------------------------------------------------ the engine
