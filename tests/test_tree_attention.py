@@ -457,6 +457,7 @@ def test_triton_interpreter_tiny_trees():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+@pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -482,6 +483,7 @@ def test_gpu_matches_reference(backend, dtype, case):
         assert float((o.double().cpu() - ref).abs().max()) <= 2 * sdpa + 1e-6
 
 
+@pytest.mark.cuda
 @cuda
 def test_cuda_opcheck():
     if not _ext.with_cuda():
