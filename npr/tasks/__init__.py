@@ -12,6 +12,7 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from npr.jsonl import read_rows
 from npr.tasks.multiples import Multiples, Problem, is_heldout, prompt_text
 
 TASKS = {"multiples": Multiples}
@@ -105,19 +106,10 @@ def write_jsonl(path: str, problems: Sequence[Problem], task: Multiples) -> None
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Rows {"problem", "answer"[, "task"]}; ValueError names the line of a bad row."""
     rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "problem" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{n}: a row needs the keys 'problem' and 'answer'")
-            if not isinstance(row["problem"], str):
-                raise ValueError(f"{path}:{n}: 'problem' must be a string")
-            rows.append({**row, "answer": str(row["answer"])})
+    for n, row in read_rows(path, ("problem", "answer")):
+        if not isinstance(row["problem"], str):
+            raise ValueError(f"{path}:{n}: 'problem' must be a string")
+        rows.append({**row, "answer": str(row["answer"])})
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -3,11 +3,12 @@
 the prompts the interrupted one would have."""
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from npr.jsonl import read_rows
 
 
 @dataclass(frozen=True)
@@ -61,19 +62,8 @@ class ShuffledPrompts:
 def load_jsonl(path: str, template: str = "{problem}") -> list[Prompt]:
     """Rows {"problem": str, "answer": str|number}; the prompt text is template.format(problem=...).
     Raises ValueError naming the line of a bad row."""
-    out: list[Prompt] = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
-            if not isinstance(row, dict) or "problem" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{n}: a row needs the keys 'problem' and 'answer'")
-            out.append(Prompt(answer=str(row["answer"]),
-                              text=template.format(problem=row["problem"]), meta=row))
+    out = [Prompt(answer=str(row["answer"]), text=template.format(problem=row["problem"]),
+                  meta=row) for _, row in read_rows(path, ("problem", "answer"))]
     if not out:
         raise ValueError(f"{path}: no rows")
     return out

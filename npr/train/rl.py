@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,7 +29,7 @@ from npr.train.data import Prompt, PromptSource
 from npr.train.dist import DistContext, gather_full_state, init_distributed, set_threads, wrap_model
 from npr.train.logprobs import token_logprobs
 from npr.train.losses import policy_loss, token_weights
-from npr.train.metrics import MetricsLog
+from npr.train.loop import run_steps
 from npr.train.rewards import RewardFn, Scored, soft_overlong_penalty
 from npr.train.rollout import Rollout, pack_rollouts, split_by_tokens
 from npr.train.rollout import generate as rollout_gen
@@ -335,28 +334,8 @@ class RLTrainer:
 
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None
             ) -> list[dict[str, float]]:
-        """Steps until train.steps (resumed runs continue); metrics per step in
-        out_dir/metrics.jsonl, checkpoints every train.save_every steps and at the end, the
-        curves in out_dir/metrics.png. on_step(step, metrics) runs after each step."""
-        T = self.cfg.train
-        log = MetricsLog(os.path.join(T.out_dir, "metrics.jsonl"), enabled=self.ctx.is_main,
-                         progress=T.progress, total_steps=T.steps, start_step=self.step,
-                         desc=self.cfg.stage)
-        history = []
-        try:
-            while self.step < T.steps:
-                m = self.train_step()
-                log.log(self.step, m)
-                history.append({"step": self.step, **m})
-                if T.save_every and self.step % T.save_every == 0 and self.step < T.steps:
-                    self.save()
-                if on_step is not None:
-                    on_step(self.step, m)
-            if self.resumed_from is None or history:
-                self.save()
-        finally:
-            log.close(os.path.join(T.out_dir, "metrics.png") if T.plot else None)
-        return history
+        """Steps until train.steps (npr.train.loop.run_steps)."""
+        return run_steps(self, self.cfg.train.steps, on_step)
 
 
 def _per_token(b, adv: Sequence[float], w: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,6 @@ never samples them, and a step's <step> has no visible predecessor to be scored 
 from __future__ import annotations
 
 import copy
-import os
 import random
 import re
 import time
@@ -35,7 +34,7 @@ from npr.train import checkpoint as ckpt
 from npr.train.config import SFTConfig, to_dict
 from npr.train.dist import DistContext, gather_full_state, init_distributed, set_threads, wrap_model
 from npr.train.logprobs import PackedBatch, pack, token_logprobs
-from npr.train.metrics import MetricsLog
+from npr.train.loop import run_steps
 from npr.train.rollout import causal_layout, split_by_tokens
 from npr.train.update import build_optimizer, build_scheduler, dummy_batch, update
 
@@ -232,48 +231,22 @@ class SFTTrainer:
 
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None
             ) -> list[dict[str, float]]:
-        T = self.cfg.train
-        log = MetricsLog(os.path.join(T.out_dir, "metrics.jsonl"), enabled=self.ctx.is_main,
-                         progress=T.progress, total_steps=self.total_steps, start_step=self.step,
-                         desc=self.cfg.stage)
-        history = []
-        try:
-            while self.step < self.total_steps:
-                m = self.train_step()
-                log.log(self.step, m)
-                history.append({"step": self.step, **m})
-                if T.save_every and self.step % T.save_every == 0 and self.step < self.total_steps:
-                    self.save()
-                if on_step is not None:
-                    on_step(self.step, m)
-            if self.resumed_from is None or history:
-                self.save()
-        finally:
-            log.close(os.path.join(T.out_dir, "metrics.png") if T.plot else None)
-        return history
+        """Steps until total_steps (npr.train.loop.run_steps)."""
+        return run_steps(self, self.total_steps, on_step)
 
 
 def load_sft_jsonl(path: str, tokenizer: Any, template: str = "{problem}") -> list[SFTExample]:
     """Rows {"prompt": str, "response": str, "parallel": bool (default true)}; the prompt text is
     template.format(problem=prompt). Raises ValueError naming the line of a bad row."""
-    import json
+    from npr.jsonl import read_rows
 
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not {"prompt", "response"} <= set(row):
-                raise ValueError(f"{path}:{n}: a row needs the keys 'prompt' and 'response'")
-            try:
-                out.append(encode_example(tokenizer, template.format(problem=row["prompt"]),
-                                          row["response"], bool(row.get("parallel", True))))
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: {e}") from e
+    for n, row in read_rows(path, ("prompt", "response")):
+        try:
+            out.append(encode_example(tokenizer, template.format(problem=row["prompt"]),
+                                      row["response"], bool(row.get("parallel", True))))
+        except ValueError as e:
+            raise ValueError(f"{path}:{n}: {e}") from e
     if not out:
         raise ValueError(f"{path}: no rows")
     return out
