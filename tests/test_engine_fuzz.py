@@ -28,8 +28,7 @@ from npr import _ext
 from npr import format as fmt
 from npr.bench.forcing import ForcedStructure
 from npr.engine.outputs import fork_ids
-from npr.tags import TAGS
-from tiny import tiny_model, tiny_tokenizer
+from test_engine import labels, model, tag_ids, tok  # noqa: F401  (the engine tests' fixtures)
 
 pytestmark = pytest.mark.skipif(not _ext.available(), reason="npr._C not built")
 
@@ -49,27 +48,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model(len(tok), seed=1)
-
-
-@pytest.fixture(scope="module")
-def tag_ids(tok):
-    v = tok.get_vocab()
-    return {t: v[t] for t in TAGS}
-
-
-@pytest.fixture(scope="module")
-def labels(tok):
-    return [tok.encode(f"{k}:", add_special_tokens=False) for k in range(1, 9)]
 
 
 def forcer(tok, tag_ids, labels, prompt_len, branches, rng, *, step_max=6, prefix=None):
