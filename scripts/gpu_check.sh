@@ -63,8 +63,9 @@ step build 300 env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS="$(nproc)" \
 # sampling at temperature > 0
 step tests 180 "$PY" -m pytest -q -rs -m cuda tests/test_tree_attention.py tests/test_kv_ops.py \
   tests/test_engine.py tests/test_decode_graphs.py tests/test_sampling.py
-# decode steps with and without CUDA graphs (npr.engine.decode_graphs): host ms per step says
-# whether a step is host- or device-bound
+# decode steps with and without CUDA graphs (npr.engine.decode_graphs); each row's
+# npr_device_share (the GPU's busy time over the step, from a profiled run) says whether a step
+# is device-bound (near 1) or host-bound
 throughput tiny_graphs --models tiny --temperatures 0 --no-hf --decode-graphs
 throughput tiny_eager --models tiny --temperatures 0,1
 if [ -n "${MODEL_DIR:-}" ]; then

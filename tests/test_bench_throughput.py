@@ -2,8 +2,10 @@
 with consistent token counts and timings, and npr and HF decoded the same weights (greedy plain
 decoding writes the same tokens)."""
 import json
+import time
 
 import pytest
+import torch
 
 from npr import cli
 
@@ -71,6 +73,48 @@ def test_bench_throughput_smollm2_from_a_folder(tmp_path):
                      "--json", str(out)]) == 0
     (r,) = json.loads(out.read_text())["rows"]
     assert r["model"] == "smollm2" and r["weights"] == "stand-in" and r["tokens"] == 2 * 5
+
+
+SMALL = ["--models", "tiny", "--modes", "plain", "--temperatures", "0", "--prompt-tokens", "4",
+         "--new-tokens", "5", "--repeat", "1"]
+
+
+def test_bench_throughput_device_busy_fields(tmp_path, monkeypatch):
+    # measured on GPUs only; here the profiler's CPU twin (ops on CPU) runs the same code
+    from npr.bench import throughput
+
+    monkeypatch.setattr(throughput, "_measures_busy", lambda device: True)
+    out = tmp_path / "throughput.json"
+    assert cli.main(["bench", "throughput", *SMALL, "--rows", "2", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    for m in ("npr", "hf"):
+        assert 0 < r[f"{m}_device_ms_per_step"] < 1e3 and 0 < r[f"{m}_device_share"] < 10
+
+
+def test_bench_throughput_no_busy_fields_on_cpu(tmp_path):
+    out = tmp_path / "throughput.json"
+    assert cli.main(["bench", "throughput", *SMALL, "--rows", "1", "--no-hf",
+                     "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert "npr_device_share" not in r
+
+
+def test_union_seconds_and_busy_twin():
+    from npr.bench.common import busy_s, union_seconds
+
+    assert union_seconds([(3, 4), (0, 1), (0.5, 2), (3.2, 3.5)]) == pytest.approx(3.0)
+    assert union_seconds([]) == 0.0
+
+    def work():
+        a = torch.randn(256, 256)
+        for _ in range(10):
+            a = (a @ a) / 256
+        time.sleep(0.2)  # not busy
+        return 7
+
+    t0 = time.perf_counter()
+    out, busy = busy_s(work, "cpu")
+    assert out == 7 and 0 < busy < time.perf_counter() - t0 - 0.15
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -40,6 +40,36 @@ def time_fn(fn: Callable[[], Any], *, warmup: int = 2, iters: int = 10,
     return time_interleaved({0: fn}, warmup=warmup, iters=iters, sync=sync)[0]
 
 
+def union_seconds(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) spans: nested or overlapping spans (a CPU op
+    inside another, a copy beside a kernel) count once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def busy_s(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
+    """fn()'s result and the seconds `device` was busy while it ran: the union of the spans of
+    the work torch.profiler saw there (CUDA: kernels and copies; CPU: the ops, the CPU twin the
+    tests run). On a GPU, busy time / wall time says whether a loop is bound by the device (near
+    1) or by the host launching its work (well below 1)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+    want = DeviceType.CUDA if cuda else DeviceType.CPU
+    spans = [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in prof.events()
+             if e.device_type == want]
+    return out, union_seconds(spans)
+
+
 _MEASURED: dict[str, float] = {}
 
 

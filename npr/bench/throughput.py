@@ -11,7 +11,11 @@ a warm-up of both).
   sequence as plain decoding (what a sequential decoder must write to produce the trajectory).
 Reported: tokens/s (all sequences' new tokens / wall time), ms per step, and the step's time
 outside the model forward: host_ms_per_step = (wall - forward) / steps, from engine.stats (for
-HF, from hooks on the model's forward: one forward per generated token). roofline_tok_s: the
+HF, from hooks on the model's forward: one forward per generated token). On a GPU the engine's
+forward returns once its work is queued, so there host time includes waiting for the device;
+there each method runs once more under torch.profiler and device_ms_per_step /
+device_share = the device's busy time per step and its share of the step (near 1:
+device-bound). roofline_tok_s: the
 tokens/s the machine's GEMM rate and read bandwidth, measured around the case, allow for npr's
 tokens fed and steps (`roofline_s`); *_share_of_roofline: how close each method came.
 
@@ -26,7 +30,7 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -174,6 +178,23 @@ def _summary(prefix: str, r: dict[str, Any]) -> dict[str, Any]:
             f"{prefix}_host_ms_per_step": 1e3 * (r["wall_s"] - r["forward_s"]) / steps,
             f"{prefix}_host_share": (r["wall_s"] - r["forward_s"]) / r["wall_s"],
             f"{prefix}_steps": r["steps"]}
+
+
+def _measures_busy(device: str) -> bool:
+    """Device busy time is measured on GPUs (on CPU the forward is mostly one C++ call the
+    profiler does not see)."""
+    return device.startswith("cuda")
+
+
+def _busy(prefix: str, best: dict[str, Any], device: str, run: Callable[[], dict[str, Any]]
+          ) -> dict[str, Any]:
+    """{prefix}_device_ms_per_step: the device's busy time per step in a profiled run (kernels
+    and copies; common.busy_s), and {prefix}_device_share: that over the timed best run's
+    ms per step (near 1: device-bound; well below: the host is in the way)."""
+    r, busy = common.busy_s(run, device)
+    ms = 1e3 * busy / max(r["steps"], 1)
+    return {f"{prefix}_device_ms_per_step": ms,
+            f"{prefix}_device_share": ms / (1e3 * best["wall_s"] / max(best["steps"], 1))}
 
 
 def linear_params(cfg: Any) -> int:
@@ -328,6 +349,11 @@ def _case(model: Any, tok: Any, hf: Any, clock: _ForwardClock | None, model_name
     row.update({"read_gbs": read_gbs, "gemm_gflops": gemm_gflops,
                 "roofline_tok_s": row["tokens"] / floor,
                 "npr_share_of_roofline": floor / best["npr"]["wall_s"]})
+    if _measures_busy(args.device):  # one more run of each, profiled: is the step device-bound?
+        row.update(_busy("npr", best["npr"], args.device, lambda: _npr_run(eng, prompts, params())))
+        if hf is not None:
+            row.update(_busy("hf", best["hf"], args.device,
+                             lambda: _hf_run(hf, clock, ids, hf_tokens, temp, pad)))
     if "hf" in best:
         row.update(_summary("hf", best["hf"]))
         row["speedup_vs_hf"] = row["npr_tok_s"] / row["hf_tok_s"]
