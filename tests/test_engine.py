@@ -337,6 +337,16 @@ def test_bad_inputs_and_engine_stays_usable(model, tok, tag_ids, labels):
     assert again == ref
 
 
+def test_tags_outside_the_model_vocabulary_are_refused(tok, tag_ids):
+    # the engine writes tags and step labels itself and the forward does not re-check ids:
+    # a tokenizer with tags the model's embeddings lack is refused up front
+    small = tiny_model(min(tag_ids.values()), seed=1)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        npr.Engine(small, tok, kv_cache_tokens=256)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        npr.Engine(small, None, kv_cache_tokens=256).generate(input_ids=[[len(tok) - 1]])
+
+
 def test_abort_sleep_wake_update_weights(model, tok, tag_ids, labels):
     eng = engine_for(model, tok)
     ids = tok.encode("abort me", add_special_tokens=False)

@@ -125,7 +125,7 @@ class DecodeGraphs:
         if not self.capture:
             attn = _PaddedAttention(b)
             attn.step, attn.tokens = step, T
-            logits = self.model.forward_flat(b.input_ids, b.positions, attn)
+            logits = self.model.forward_flat(b.input_ids, b.positions, attn, check_ids=False)
             return logits[:T].float()
         b.graphs[0].replay()
         for layer in range(self.model.num_layers):
@@ -158,12 +158,13 @@ class DecodeGraphs:
 
         try:
             with torch.cuda.stream(stream):
-                self.model.forward_flat(b.input_ids, b.positions, attn)  # warm-up, not captured
+                self.model.forward_flat(b.input_ids, b.positions, attn,  # warm-up, not captured
+                                        check_ids=False)
                 torch.cuda.synchronize(self.device)
                 attn.between = between
                 b.graphs[0].capture_begin(pool=pool)
                 capturing = 0
-                b.logits = self.model.forward_flat(b.input_ids, b.positions, attn)
+                b.logits = self.model.forward_flat(b.input_ids, b.positions, attn, check_ids=False)
                 b.graphs[L].capture_end()
                 capturing = -1
         except BaseException:

@@ -122,6 +122,14 @@ class Engine:
         labels: list[list[int]] = []
         if self.tag_ids is not None:
             labels = [self._encode(f"{k}:") for k in range(1, max_branches + 1)]
+            # the engine writes these itself: the forward does not check ids again
+            vocab = int(getattr(model.config, "vocab_size", 1 << 31))
+            bad = [t for t in [*self.tag_ids.values(), *sum(labels, [])] if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"Engine: the tokenizer's tag / step-label token id {bad[0]} is "
+                                 f"outside the model's vocabulary (size {vocab}): resize the "
+                                 f"model's embeddings after adding the tags (npr.tokenizer."
+                                 f"add_tag_tokens does both)")
         self.scheduler = C.Scheduler(
             num_blocks=self.num_blocks, block_size=block_size, max_rows=self.max_rows,
             max_tokens_per_step=max_tokens_per_step, max_branches=max_branches,

@@ -86,6 +86,7 @@ class ModelRunner:
         # The scheduler emits logits indices ascending (each sampled row's last token): as many
         # as tokens means every token, and the model skips the gather.
         keep = None if plan.sizes[2] == plan.sizes[0] else logits_indices.long()
+        # (ids checked on the host: prompts on arrival, the rest sampled from the logits)
         logits = self.model.forward_flat(input_ids.long(), positions.long(), attn,
-                                         logits_indices=keep)
+                                         logits_indices=keep, check_ids=False)
         return logits.float()

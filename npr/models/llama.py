@@ -311,18 +311,22 @@ class LlamaDecoder(nn.Module):
         return self._logits(x)
 
     def forward_flat(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: FlatAttention,
-                     logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                     logits_indices: torch.Tensor | None = None, check_ids: bool = True
+                     ) -> torch.Tensor:
         """Engine path over a flat batch of tokens from many rows.
 
         input_ids: [T], position_ids: [T]; attn(layer_idx, q [T,Hq,D], k [T,Hkv,D], v [T,Hkv,D])
         -> [T,Hq,D] receives q/k after q/k-norm and RoPE; logits_indices: [N] int (None = all
         rows) -> logits [N, V] fp32. Only the selected rows pass the last layer's MLP, the final
-        norm and the LM head.
+        norm and the LM head. check_ids=False skips reading the ids' range (on a GPU a read back
+        to the host, which a CUDA graph capture cannot do): for callers whose ids are known to
+        be in the vocabulary (the engine checks prompts on arrival and samples the rest).
         """
         if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
             raise ValueError(f"forward_flat: input_ids and position_ids must both be [T], got "
                              f"{list(input_ids.shape)} and {list(position_ids.shape)}")
-        self._check_ids(input_ids)
+        if check_ids:
+            self._check_ids(input_ids)
         if logits_indices is not None:
             logits_indices = logits_indices.to(device=input_ids.device, dtype=torch.long)
         x = F.embedding(input_ids, self.embed_tokens)  # [T, H]
@@ -417,9 +421,7 @@ class LlamaDecoder(nn.Module):
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be int64/int32, got {input_ids.dtype}")
-        # (a CUDA graph being captured cannot read values back; its replays feed ids the
-        # engine sampled)
-        if input_ids.numel() and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 raise ValueError(f"input_ids out of range [0, {self.config.vocab_size}): "
