@@ -33,7 +33,6 @@ class ForcedStructure:
     final_tokens: int = 4
 
     def __post_init__(self) -> None:
-        self._tag = {self.tag_ids[t]: t for t in TAGS}
         self._banned = torch.tensor(sorted(set(self.tag_ids.values()) | {self.eos_id}), dtype=torch.long)
 
     def _step_len(self, block: int, k: int) -> int:
@@ -42,22 +41,19 @@ class ForcedStructure:
 
     def next_token(self, visible: Sequence[int]) -> int | None:
         """The forced next token, or None when the model chooses (tags and EOS banned then)."""
+        # Called for every row at every step, on contexts that grow: list methods (C loops)
+        # find the last of each tag instead of a Python loop over the whole context.
         ids = list(visible[self.prompt_len:])
         T = self.tag_ids
-        last: dict[str, int] = {t: -1 for t in TAGS}
-        blocks_done = 0
-        plans = 0
-        for i, t in enumerate(ids):
-            name = self._tag.get(t)
-            if name is None:
-                continue
-            last[name] = i
-            if name == "</takeaway>":
-                blocks_done += 1
-            elif name == "<guideline>":
-                plans = 0
-            elif name == "</plan>":
-                plans += 1
+        rev, end = ids[::-1], len(ids) - 1
+        last: dict[str, int] = {}
+        for name in TAGS:
+            try:
+                last[name] = end - rev.index(T[name])
+            except ValueError:
+                last[name] = -1
+        blocks_done = ids.count(T["</takeaway>"])
+        plans = ids[last["<guideline>"] + 1:].count(T["</plan>"])  # of the open guideline
         n_here = self.branches[blocks_done] if blocks_done < len(self.branches) else 0
         if last["<step>"] > last["</step>"]:                      # inside a step
             start = last["<step>"]
