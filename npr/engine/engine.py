@@ -117,13 +117,15 @@ class Engine:
         if self.max_rows < 1:
             raise ValueError(f"Engine: max_rows must be >= 1, got {self.max_rows}")
 
+        # the ids the model embeds: prompts, stop ids, tags and step labels are checked against it
+        self.vocab_size = int(getattr(model.config, "vocab_size", 1 << 31))
         self.tag_ids: dict[str, int] | None = self._find_tag_ids(tokenizer)
         self.eos_ids = self._eos_ids(tokenizer, model)
         labels: list[list[int]] = []
         if self.tag_ids is not None:
             labels = [self._encode(f"{k}:") for k in range(1, max_branches + 1)]
             # the engine writes these itself: the forward does not check ids again
-            vocab = int(getattr(model.config, "vocab_size", 1 << 31))
+            vocab = self.vocab_size
             bad = [t for t in [*self.tag_ids.values(), *sum(labels, [])] if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"Engine: the tokenizer's tag / step-label token id {bad[0]} is "
@@ -215,7 +217,7 @@ class Engine:
         """ids: Python ints already (token_ids)."""
         if not ids:
             raise ValueError("Engine: empty prompt")
-        vocab = int(getattr(self.model.config, "vocab_size", 1 << 31))
+        vocab = self.vocab_size
         bad = [t for t in ids if not (0 <= t < vocab)]
         if bad:
             raise ValueError(f"Engine: prompt token id {bad[0]} is outside the vocabulary (size {vocab})")
